@@ -7,7 +7,7 @@ Docs: https://tsai-attnviz.github.io/tsai-attnviz/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #4b50207a
+# %% ../nbs/99_all.ipynb #1f74a7ef
 from .layers import *
 from .recorder import *
 from .plot import *
