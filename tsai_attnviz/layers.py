@@ -158,10 +158,16 @@ def check_input(x:torch.Tensor, # the batch about to be fed to the model
 # %% ../nbs/00_layers.ipynb #7de97f81
 class ConvTranPlusWithAttn(ConvTranPlus):
     "`ConvTranPlus` whose attention weights are stored, per forward, as CPU copies in `attention_weights`"
-    def __init__(self, c_in:int, c_out:int, seq_len:int,
+    def __init__(self, c_in:int, c_out:int,
+                 seq_len:int=None, # required; optional in the signature only so that a missing one gets a clear error
                  max_batches:int=16, # how many forwards to keep; the oldest are dropped first
                  store:bool=True, # store each forward's weights; False turns storing off
                  **kwargs): # passed to `ConvTranPlus`
+        if seq_len is None:
+            # tsai's build_ts_model passes seq_len only to the archs it knows by name (ConvTranPlus among them)
+            raise ValueError("ConvTranPlusWithAttn needs seq_len. As a tsai arch, pass it in arch_config: "
+                             "TSClassifier(X, y, arch=ConvTranPlusWithAttn, arch_config=dict(seq_len=X.shape[-1])), "
+                             "or pass an instance: arch=ConvTranPlusWithAttn(c_in, c_out, seq_len).")
         if kwargs.get('rel_pos_encode', 'eRPE') == 'eRPE': _check_heads(kwargs.get('d_model', 16), kwargs.get('n_heads', 8))
         super().__init__(c_in, c_out, seq_len, **kwargs)
         store_attr('c_in,seq_len,max_batches,store')
@@ -185,7 +191,7 @@ class ConvTranPlusWithAttn(ConvTranPlus):
         "Pickle without stored weights"
         return {**self.__dict__, 'attention_weights': deque(maxlen=self.max_batches)}
 
-# %% ../nbs/00_layers.ipynb #1820f677
+# %% ../nbs/00_layers.ipynb #0deda581
 def attention_stats(weights:torch.Tensor, # [bs, H, Lq, Lk], the effective matrix
                     softmax:torch.Tensor=None, # [bs, H, Lq, Lk], the softmax part (defaults to `weights`)
                    )->list: # one dict per head

