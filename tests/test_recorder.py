@@ -1,0 +1,186 @@
+"Issue 4: AttnRecorder and show_attention on a real tsai Learner trained on BasicMotions."
+import os, warnings
+import numpy as np, pytest, torch
+import matplotlib; matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+from PIL import Image
+from fastai.learner import load_learner
+from tsai.models.InceptionTimePlus import InceptionTimePlus
+from tsai_attnviz.all import *
+from conftest import make_learner, stock_effective_attention, no_leftovers
+
+@pytest.fixture
+def learn(bm_learner):
+    "The shared learner, with no AttnRecorder left on it after each test"
+    yield bm_learner
+    for cb in [c for c in bm_learner.cbs if isinstance(c, AttnRecorder)]: bm_learner.remove_cb(cb)
+    no_leftovers(bm_learner.model)
+
+def valid_inputs(learn):
+    "Every validation item after the batch transforms, in order, gathered without the package"
+    return torch.cat([xb for xb, _ in learn.dls.valid.new(shuffle=False, drop_last=False)])
+
+def test_records_selected_batches_and_samples_bitwise(learn):
+    base, _ = learn.get_preds()
+    rec = AttnRecorder(batches=[0, 2], samples=[1, 4])
+    learn.add_cb(rec)
+    preds, _ = learn.get_preds()
+    r = rec.recording
+    assert (r.batches, r.samples) == ([0, 0, 2, 2], [1, 4, 1, 4])
+    assert r.idxs == [1, 4, 33, 36]
+    assert torch.equal(preds, base)  # recording does not change predictions
+    expected = stock_effective_attention(learn.model, r.inputs)  # independent, from the stock layers
+    assert torch.equal(r.weights, expected)
+    assert torch.equal(r.inputs, valid_inputs(learn)[[1, 4, 33, 36]])
+    torch.testing.assert_close(r.preds.softmax(-1), preds[[1, 4, 33, 36]])
+
+def test_idxs_pick_dataset_items_after_batch_tfms(learn):
+    learn.add_cb(AttnRecorder(idxs=[17, 3, 39]))
+    learn.get_preds()
+    r = learn.attn_recorder.recording
+    assert sorted(r.idxs) == [3, 17, 39]
+    order = [r.idxs.index(i) for i in [3, 17, 39]]
+    assert torch.equal(r.inputs[order], valid_inputs(learn)[[3, 17, 39]])
+    ys = learn.dls.valid.new(shuffle=False).dataset.tls[1]
+    assert [r.targets[i] for i in order] == [int(ys[j]) for j in [3, 17, 39]]
+
+def test_get_X_preds_validate_and_dl_each_record(learn, bm_data):
+    X, y, splits = bm_data
+    rec = AttnRecorder(samples=[0])
+    learn.add_cb(rec)
+    learn.get_X_preds(X[splits[1][5:9]])
+    assert len(rec.recording) == 1 and torch.allclose(rec.recording.inputs[0], valid_inputs(learn)[5])
+    learn.validate()
+    assert len(rec.recording) == 1 and rec.recording.idxs == [0]
+    dl = learn.dls.valid.new_dl(X[splits[1][20:]], y=y[splits[1][20:]])
+    learn.get_preds(dl=dl)
+    assert torch.allclose(rec.recording.inputs[0], valid_inputs(learn)[20])
+
+def test_tag_and_accumulate(learn):
+    rec = AttnRecorder(samples=[0], tag='fold 1', accumulate=True)
+    learn.add_cb(rec)
+    learn.get_preds()
+    rec.tag = 'fold 2'
+    learn.get_preds()
+    assert rec.recording.tags == ['fold 1', 'fold 2']
+    assert len(rec.recording.filter(tag='fold 2')) == 1
+
+def test_training_unaffected_and_not_recorded_by_default(bm_data):
+    losses = []
+    for with_rec in (False, True):
+        learn = make_learner(*bm_data, seed=3)
+        if with_rec: learn.add_cb(AttnRecorder(batches=None, samples=[0]))
+        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 1e-3)
+        losses.append([l.item() for l in learn.recorder.losses])
+    assert losses[0] == losses[1]
+    r = learn.attn_recorder.recording
+    assert set(r.epochs) == {0, 1} and len(r) == 2 * 3  # valid batches only: 3 a pass, 2 passes
+    no_leftovers(learn.model)
+
+def test_show_attention_without_recording_leaves_nothing(learn):
+    cbs = list(learn.cbs)
+    fig = learn.show_attention(head=1)
+    assert list(learn.cbs) == cbs
+    no_leftovers(learn.model)
+    assert fig.axes[0].get_title() == 'Layer 0, Head 1, Batch 0'
+    plt.close('all')
+
+def test_export_and_load_learner(learn, tmp_path):
+    rec = AttnRecorder(batches=None)
+    learn.add_cb(rec)
+    learn.export(tmp_path/'empty.pkl')
+    learn.get_preds()
+    assert rec.recording.weights.numel() * 4 > 10e6  # > 10 MB recorded
+    learn.export(tmp_path/'full.pkl')
+    s0, s1 = (tmp_path/'empty.pkl').stat().st_size, (tmp_path/'full.pkl').stat().st_size
+    assert abs(s1 - s0) < 20_000, (s0, s1)  # the pickle does not grow with the recording
+    learn2 = load_learner(tmp_path/'full.pkl')
+    assert isinstance(learn2.attn_recorder, AttnRecorder) and len(learn2.attn_recorder.recording) == 0
+    X = valid_inputs(learn)[:4].numpy()
+    p2 = learn2.get_X_preds(X)[0]
+    assert len(learn2.attn_recorder.recording) == 4  # the loaded recorder records again
+    no_leftovers(learn2.model)
+    assert torch.allclose(p2, learn.get_X_preds(X)[0])
+
+# -- figures --------------------------------------------------------------------------------
+def _not_blank(path):
+    a = np.asarray(Image.open(path).convert('L'), dtype=float)
+    return a.std() > 10 and a.shape[0] > 200
+
+def test_figures(learn, tmp_path):
+    learn.add_cb(AttnRecorder(batches=[0, 1], samples=[0, 1], aggregate='class'))
+    learn.get_preds()
+    f = learn.show_attention(head=2, path=tmp_path/'single.png')
+    ax, cbar = f.axes
+    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == ('Layer 0, Head 2, Batch 0', 'Key timestep', 'Query timestep')
+    assert ax.images[0].get_cmap().name == 'viridis' and cbar.get_ylim()[1] > cbar.get_ylim()[0]
+    f = learn.show_attention(path=tmp_path/'grid.png')
+    assert len(f.axes) == 8 + 1 and [a.get_title() for a in f.axes[:8]] == [f'Head {h}' for h in range(8)]
+    lims = {a.images[0].get_clim() for a in f.axes[:8]}
+    assert len(lims) == 1  # one shared colour scale
+    f = learn.show_attention(batch=[0, 1], sample=[0, 1], path=tmp_path/'samples_heads.png')
+    assert len(f.axes) == 4 * 8 + 1 and f.axes[3 * 8].get_ylabel().startswith('Sample 1, Batch 1')
+    f = learn.show_attention(view='series', batch=1, sample=1, path=tmp_path/'series.png')
+    top, bottom = f.axes
+    assert top.get_title().startswith('True: ') and '· Pred: ' in top.get_title()
+    assert len(top.lines) == 6 and bottom.get_ylabel() == 'attention'
+    f = learn.show_attention(aggregate='class', path=tmp_path/'class.png')
+    assert len(f.axes) == 4 * 8 + 1 and f.axes[0].get_ylabel().startswith('Class ')
+    for n in ['single', 'grid', 'samples_heads', 'series', 'class']: assert _not_blank(tmp_path/f'{n}.png'), n
+    assert not plt.get_fignums()  # figures written to a path are closed
+
+def test_plot_attention_weights_seed_meaning():
+    aw = [torch.rand(2, 8, 10, 10), torch.rand(3, 8, 10, 10)]
+    f = plot_attention_weights(aw, layer_idx=1, batch_idx=2, head_idx=5)
+    assert np.array_equal(f.axes[0].images[0].get_array(), aw[1][2, 5].numpy())
+    plt.close('all')
+
+# -- bad input ------------------------------------------------------------------------------
+@pytest.mark.parametrize('kw,msg', [(dict(head=8), 'head=8 is not recorded: heads are [0, 1, 2, 3, 4, 5, 6, 7] (0..7)'),
+                                    (dict(layer=2), 'layer=2 is out of range'),
+                                    (dict(sample=3), 'sample=3 is not recorded in batch 0: recorded samples are [0, 1]'),
+                                    (dict(batch=7), 'batch=7 is not recorded: recorded batches are [0]'),
+                                    (dict(idx=30), 'idx=30 is not recorded: recorded dataset indices are [0, 1]')])
+def test_out_of_range_names_valid_range(learn, kw, msg):
+    learn.add_cb(AttnRecorder(samples=[0, 1]))
+    learn.get_preds()
+    before = learn.attn_recorder.recording.weights.clone()
+    with pytest.raises(IndexError, match=msg.replace('[', r'\[').replace(']', r'\]').replace('(', r'\(').replace(')', r'\)')):
+        learn.show_attention(**kw)
+    assert torch.equal(learn.attn_recorder.recording.weights, before)
+    no_leftovers(learn.model)
+    plt.close('all')
+
+def test_recorder_heads_out_of_range_leaves_learner_usable(learn):
+    with pytest.raises(ValueError, match=r'heads=\[8\] but the model has 8 heads \(0..7\)'):
+        learn.get_preds(cbs=[AttnRecorder(heads=[8])])
+    no_leftovers(learn.model)
+    learn.get_preds()  # the Learner's lock was released
+
+def test_model_without_attention(bm_data):
+    learn = make_learner(*bm_data, arch=InceptionTimePlus)
+    with pytest.raises(ValueError, match='no ConvTranPlus attention layer in InceptionTimePlus; it contains: .*Conv1d'):
+        learn.show_attention()
+    assert not any(isinstance(c, AttnRecorder) for c in learn.cbs)
+
+def test_missing_batches_warn(learn):
+    rec = AttnRecorder(batches=[5])
+    with pytest.warns(UserWarning, match=r'batches=\[5\] were not in this pass, which had 3 batches \(0..2\)'):
+        learn.get_preds(cbs=[rec])
+    assert len(rec.recording) == 0
+    no_leftovers(learn.model)
+
+def test_wrong_data_shape(learn):
+    with pytest.raises(ValueError, match=r'does not fit the model: it was built for \[n_samples, n_vars=6, seq_len=100\]'):
+        learn.show_attention(X=np.zeros((2, 6, 90), dtype='float32'))
+    no_leftovers(learn.model)
+    assert not any(isinstance(c, AttnRecorder) for c in learn.cbs)
+
+def test_memory_budget_warns_once_and_keeps(learn):
+    rec = AttnRecorder(batches=None, max_mem=1)
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        learn.get_preds(cbs=[rec])
+    assert sum('stopped storing' in str(w.message) for w in ws) == 1
+    n = len(rec.recording)
+    assert 0 < n < 40 and rec.recording.weights.numel() * 4 <= 2**20
