@@ -214,7 +214,12 @@ class AttnRecorder(Callback):
         store_attr('samples,layers,max_len,aggregate,max_mem,tag,train,restore,accumulate')
         self.batches,self.samples,self.idxs,self.heads = _as_list(batches),_as_list(samples),_as_list(idxs),_as_list(heads)
         self.dtype = _to_dtype(dtype)
-        self.recording,self._swapped,self._names = AttnRecording(),[],{}
+        self._init_state()
+
+    def _init_state(self):
+        "Fresh, empty recording state: at creation, and when a pickled Learner is loaded (the state is not pickled)"
+        super()._init_state()
+        self.recording,self._swapped,self._names,self._want,self._pending,self._batch_red = AttnRecording(),[],{},[],[],None
 
     # -- the fit loop ------------------------------------------------------------------
     def before_fit(self):
