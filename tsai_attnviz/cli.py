@@ -7,7 +7,7 @@ Docs: https://tsai-attnviz.github.io/tsai-attnviz/cli.html.md"""
 
 # %% ../nbs/04_cli.ipynb #c00a7815
 from __future__ import annotations
-import argparse, os, sys, time
+import argparse, os, sys, time, warnings
 from pathlib import Path
 import numpy as np
 
@@ -112,7 +112,10 @@ def _show(a):
     from tsai_attnviz.recorder import _model_input
     p = Path(a.learner)
     if not p.exists(): raise CLIError(f"no learner at {p}: pass a file written by learn.export()")
-    try: learn = load_learner(p)
+    try:
+        with warnings.catch_warnings():  # fastai's warning about pickles is in `show --help`; here it would bury our errors
+            warnings.simplefilter('ignore', UserWarning)
+            learn = load_learner(p)
     except Exception as e: raise CLIError(f"cannot load {p.name} as an exported fastai Learner ({type(e).__name__}: {e})") from None
     shape = _model_input(learn.model)
     if shape is None: raise CLIError(f"{p.name} does not hold a ConvTranPlus model (it holds {type(learn.model).__name__})")
@@ -146,7 +149,7 @@ def _parser():
     d.add_argument('--max-classes', type=int, default=6, help='items shown: one per class, at most this many')
     d.add_argument('--export', action='store_true', help='also write learner.pkl (learn.export) to --out')
     s = sub.add_parser('show', help="the same figures for your exported learner (learn.export()) and data")
-    s.add_argument('learner', help='a .pkl written by learn.export()')
+    s.add_argument('learner', help='a .pkl written by learn.export(); it is unpickled, so load only files you trust')
     s.add_argument('--data', required=True, help='X as .npy or .npz: [n_samples, n_vars, seq_len]')
     s.add_argument('--y', help='labels as .npy (optional)')
     s.add_argument('--idxs', type=int, nargs='+', help='items of --data to show (default: the first 4)')
@@ -158,6 +161,8 @@ def _parser():
 def main(argv=None):
     "Entry point of the `tsai-attnviz` command"
     a = _parser().parse_args(argv)
+    # tsai's import warns that torch.jit.script is deprecated: noise to a command-line user, and it would hide our one-line errors
+    warnings.filterwarnings('ignore', category=FutureWarning, module=r'torch\.jit')
     try:
         if a.cmd == 'demo':
             if a.epochs < 1: raise CLIError(f"--epochs {a.epochs}: use 1 or more")

@@ -1,0 +1,98 @@
+"Issue 5: the command line in a subprocess, and recordings saved and loaded."
+import os, subprocess, sys, shutil
+from pathlib import Path
+import numpy as np, pytest, torch
+from tsai_attnviz.recorder import AttnRecorder, AttnRecording
+
+EXE = shutil.which('tsai-attnviz') or str(Path(sys.executable).parent/'tsai-attnviz')
+
+def run(*args, cwd=None):
+    env = {**os.environ, 'MPLBACKEND': 'Agg'}
+    return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp('demo')
+    p = run('demo', '--epochs', '2', '--out', out, '--export')
+    return out, p
+
+def test_demo_writes_the_files(demo):
+    out, p = demo
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 'valid accuracy' in p.stdout
+    for f in ['attention_grid.png', 'attention_head0.png', 'attention_class.png', 'recording.npz', 'learner.pkl']:
+        assert (out/f).stat().st_size > 1000, f
+        assert str(out/f) in p.stdout, f  # says where each file went
+    assert len(list(out.glob('attention_series_idx*.png'))) == 4  # one item per class
+    r = AttnRecording.load(out/'recording.npz')
+    assert len(r) == 4 and sorted(set(r.targets)) == [0, 1, 2, 3]
+
+@pytest.fixture(scope='module')
+def user_data(demo, tmp_path_factory, bm_data):
+    d = tmp_path_factory.mktemp('data')
+    X, y, splits = bm_data
+    np.save(d/'X.npy', X[splits[1]][:6])
+    np.savez(d/'X.npz', X=X[splits[1]][:6])
+    return d
+
+def test_show_on_an_exported_learner(demo, user_data, tmp_path):
+    out, _ = demo
+    p = run('show', out/'learner.pkl', '--data', user_data/'X.npz', '--idxs', '1', '4', '--head', '3', '--out', tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for f in ['attention_grid.png', 'attention_head3.png', 'attention_series_idx1.png', 'attention_series_idx4.png']:
+        assert (tmp_path/f).stat().st_size > 1000, f
+    assert AttnRecording.load(tmp_path/'recording.npz').idxs == [1, 4]
+
+def bad_cases(d):
+    X = np.load(d/'X.npy')
+    np.save(d/'vars.npy', X[:, :4]); np.save(d/'len.npy', X[:, :, :90]); np.save(d/'str.npy', np.array([['a']]))
+    nan = X.copy(); nan[2, 1, 7] = np.nan; np.save(d/'nan.npy', nan)
+    inf = X.copy(); inf[0, 0, 0] = np.inf; np.save(d/'inf.npy', inf)
+    (d/'junk.npy').write_bytes(b'junk')
+    return [('vars.npy', '--data has 4 variables (shape [6, 4, 100]); the model expects 6: [n_samples, 6, 100]'),
+            ('len.npy', '--data has seq_len 90 (shape [6, 6, 90]); the model expects 100'),
+            ('str.npy', '--data has dtype <U1; expected numbers [n_samples, 6, 100]'),
+            ('nan.npy', '--data has 1 NaN or inf values (first at [2, 1, 7])'),
+            ('inf.npy', '--data has 1 NaN or inf values (first at [0, 0, 0])'),
+            ('junk.npy', '--data: cannot read junk.npy as a numpy array'),
+            ('missing.npy', '--data: no file at')]
+
+def test_show_bad_data(demo, user_data):
+    out, _ = demo
+    for name, msg in bad_cases(user_data):
+        p = run('show', out/'learner.pkl', '--data', user_data/name)
+        assert p.returncode == 2, (name, p.stderr)
+        assert p.stderr.startswith('tsai-attnviz: error: ') and msg in p.stderr, (name, p.stderr)
+        assert 'Traceback' not in p.stderr and p.stderr.strip().count('\n') == 0, (name, p.stderr)
+
+@pytest.mark.parametrize('args,msg', [(['--idxs', '9'], '--idxs [9] out of range: --data has 6 samples (0..5)'),
+                                      (['--head', '8'], '--head 8 out of range: the model has 8 heads (0..7)')])
+def test_show_bad_options(demo, user_data, args, msg):
+    out, _ = demo
+    p = run('show', out/'learner.pkl', '--data', user_data/'X.npy', *args)
+    assert p.returncode == 2 and msg in p.stderr and 'Traceback' not in p.stderr
+
+def test_show_bad_learner(user_data, tmp_path):
+    (tmp_path/'l.pkl').write_bytes(b'garbage')
+    p = run('show', tmp_path/'l.pkl', '--data', user_data/'X.npy')
+    assert p.returncode == 2 and 'cannot load l.pkl as an exported fastai Learner' in p.stderr and 'Traceback' not in p.stderr
+
+def test_demo_bad_dataset():
+    p = run('demo', '--dataset', 'ECG200')
+    assert p.returncode == 2 and "dataset 'ECG200' is not bundled: use one of BasicMotions, GunPoint, Coffee, PigCVP" in p.stderr
+
+def test_recording_round_trip_and_damaged_file(bm_learner, tmp_path):
+    rec = AttnRecorder(batches=[0, 1], samples=[0, 3], aggregate='class', tag='fold 2', dtype='bfloat16', max_len=50)
+    bm_learner.get_preds(cbs=[rec])
+    r = rec.recording
+    r2 = AttnRecording.load(r.save(tmp_path/'r.npz'))
+    for k in ['weights', 'key_attn', 'entropy', 'inputs', 'preds']: assert torch.equal(getattr(r2, k), getattr(r, k)), k
+    assert r2.weights.dtype == torch.bfloat16
+    for k in ['targets', 'idxs', 'batches', 'samples', 'layers', 'tags', 'epochs', 'heads', 'block', 'seq_len']:
+        assert getattr(r2, k) == getattr(r, k), k
+    for c in range(4): assert torch.equal(r2.mean_map(c), r.mean_map(c))
+    raw = (tmp_path/'r.npz').read_bytes()
+    (tmp_path/'cut.npz').write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(ValueError, match='is not a readable AttnRecording'): AttnRecording.load(tmp_path/'cut.npz')
+    np.savez(tmp_path/'pickled.npz', meta=np.array([{'a': 1}], dtype=object))
+    with pytest.raises(ValueError, match='is not a readable AttnRecording'): AttnRecording.load(tmp_path/'pickled.npz')
