@@ -81,6 +81,7 @@ def show_attention(self:Learner,
                    aggregate:str=None, # 'mean' or 'class': the mean maps recorded with AttnRecorder(aggregate=...)
                    dl=None, X=None, y=None, # data to record from when nothing is recorded yet
                    shared_scale:bool=True, # one colour scale for a grid
+                   max_len:int=500, # when recording here: reduce maps to at most this many cells a side (screen size)
                    path=None, # write a PNG here
                    **kwargs)->plt.Figure:
     "Plot recorded attention maps: one head, a grid of heads, samples × heads, the over-the-series view or mean maps"
@@ -88,11 +89,12 @@ def show_attention(self:Learner,
     cb = _recorder(self)
     rec = cb.recording if cb is not None else None
     if aggregate is not None:
-        if rec is None or not rec.aggregates: rec = self.record_attention(dl=dl, X=X, y=y, batches=None, aggregate=aggregate)
+        if rec is None or not rec.aggregates:
+            rec = self.record_attention(dl=dl, X=X, y=y, batches=None, samples=[], aggregate=aggregate, max_len=max_len)
         return _show_aggregate(self, rec, aggregate, head, shared_scale, path)
     if rec is None or not len(rec) or dl is not None or X is not None:
-        sel = dict(idxs=listify(idx)) if idx is not None else dict(batches=listify(batch))
-        rec = self.record_attention(dl=dl, X=X, y=y, **sel)
+        sel = dict(idxs=listify(idx)) if idx is not None else dict(batches=listify(batch), samples=listify(sample))
+        rec = self.record_attention(dl=dl, X=X, y=y, max_len=max_len, **sel)
         if not len(rec): raise IndexError(f"Nothing recorded for {sel}: the data has fewer batches or items than that.")
     name, recs = _pick(rec, layer, idx, batch, sample)
     heads = rec.heads

@@ -28,12 +28,26 @@ def reduce_map(w:torch.Tensor, # [..., L, L]
                max_len:int|None, # most cells per side; None keeps the full map
               )->torch.Tensor: # [..., ceil(L/k), ceil(L/k)]
     "Block-average the last two dims of `w` so that neither exceeds `max_len` cells"
-    L = w.shape[-1]
-    k = block_size(L, max_len)
-    if k == 1: return w
-    lead = w.shape[:-2]
-    out = F.avg_pool2d(w.reshape(-1, w.shape[-2], L), k, k, ceil_mode=True)  # partial last blocks: mean of what they cover
-    return out.reshape(*lead, *out.shape[-2:])
+    return _pool_keys(w, block_size(w.shape[-1], max_len), keys=False)[0]
+
+def _pool_keys(m:torch.Tensor, # [..., L, L]
+               k:int, # block side
+               keys:bool=True, # also return the mean over queries
+              ): # ([..., ceil(L/k), ceil(L/k)] block means, [..., L] mean over queries or None)
+    "Block means of `m`, and the attention each key receives, in one pass over `m` when `k` divides `L`"
+    L = m.shape[-1]
+    if k == 1: return m, (m.mean(-2) if keys else None)
+    lead, n = m.shape[:-2], math.ceil(L / k)
+    if L % k:  # partial last blocks: the mean of what they cover
+        out = F.avg_pool2d(m.reshape(-1, L, L), k, k, ceil_mode=True).reshape(*lead, n, n)
+        return out, (m.mean(-2) if keys else None)
+    rows = m.reshape(*lead, n, k, L).sum(-2)                                    # [..., n, L]: sums over query blocks
+    return rows.reshape(*lead, n, n, k).sum(-1) / (k * k), (rows.sum(-2) / L if keys else None)
+
+def _entropy(sm:torch.Tensor, logits:torch.Tensor)->torch.Tensor: # [..., Lq]
+    "Entropy of each softmax row, from the scores: log p = s - logsumexp(s), and logsumexp(s) = max s - log(max p)"
+    # No log over L² cells: two maxima and one batched dot product
+    return logits.amax(-1) - sm.amax(-1).log() - torch.einsum('...qk,...qk->...q', sm, logits)
 
 # %% ../nbs/01_recorder.ipynb #ddc1c7a1
 _DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -224,7 +238,9 @@ class AttnRecorder(Callback):
     # -- the fit loop ------------------------------------------------------------------
     def before_fit(self):
         if not self.accumulate: self.recording = AttnRecording()
-        self._full,self._seen,self._error = False,set(),None
+        self._full,self._seen,self._error,self._used = False,set(),None,0
+        if self.accumulate: self._used = sum(r[k].numel() * r[k].element_size() for r in self.recording.records
+                                             for k in ('weights', 'key_attn', 'entropy'))
         # fastai's validation context holds the Learner's lock while before_fit runs, and an error raised there leaves
         # it locked: keep the error for the first event inside the pass.
         try: self._attach(self.learn.model)
@@ -252,7 +268,7 @@ class AttnRecorder(Callback):
         if self.idxs is not None: self._seen.update(d for _, d in self._want)
 
     def after_pred(self):
-        if not (self._pending or self._batch_red): return
+        if not self._pending and self._batch_red is None: return
         pred = self.pred.detach() if torch.is_tensor(self.pred) else None
         yb = self.yb[0].detach() if len(self.yb) else None
         for r in self._pending:
@@ -261,7 +277,7 @@ class AttnRecorder(Callback):
             r['pred'] = None if pred is None else pred[p].float().cpu()
             r['target'] = None if yb is None else yb[p].item() if yb[p].numel() == 1 else None
         self.recording.records += self._pending
-        if self._batch_red: self._aggregate(yb, pred)
+        if self._batch_red is not None: self._aggregate(yb, pred)
         self._pending,self._batch_red = [],None
 
     def after_validate(self):
@@ -297,10 +313,11 @@ class AttnRecorder(Callback):
             if self.heads is not None and any(not 0 <= h < m.n_heads for h in self.heads):
                 raise ValueError(f"heads={self.heads} but the model has {m.n_heads} heads (0..{m.n_heads - 1}).")
         was = {id(m): type(m) for _, m in sel}
-        swap_attention(model)
+        swap_attention(model, keep_weights=False)  # layers swapped here hold nothing after their forward
         self._swapped = [(n, m, type(m) is not was[id(m)]) for n, m in sel]
         for n, m in sel: m.receiver = self._receive
         self._names = {id(m): n for n, m in sel}
+        self._agg_layer = id(sel[0][1])  # aggregates follow the first selected layer
         self._shape = _model_input(model)
         self._want,self._pending,self._batch_red = [],[],None
         self.recording.meta.update(heads=self.heads or list(range(sel[0][1].n_heads)), max_len=self.max_len)
@@ -314,38 +331,37 @@ class AttnRecorder(Callback):
 
     # -- receiving ---------------------------------------------------------------------
     def _receive(self, layer, softmax, bias, logits):
-        "Copy what is selected from one forward of `layer`"
-        if not self._want and not (self.aggregate and not (self.training and not self.train)): return
-        heads = self.heads
-        name, L = self._names.get(id(layer)), softmax.shape[-1]
+        "Copy what is selected from one forward of `layer`: softmax and logits [bs, H, L, L], bias [H, L, L] or None"
+        agg = self.aggregate is not None and (self.train or not self.training) and id(layer) == self._agg_layer
+        if not self._want and not agg: return
+        L = softmax.shape[-1]
         k = block_size(L, self.max_len)
         self.recording.meta.update(seq_len=L, block=k)
-        hsel = (lambda t: t) if heads is None else (lambda t: t[..., heads, :, :])
-        red_bias = None if bias is None else reduce_map(hsel(bias.detach()), self.max_len)  # [H, l, l]
-        key_bias = None if bias is None else hsel(bias.detach()).mean(-2)                  # [H, L]
+        hs = slice(None) if self.heads is None else self.heads
         with torch.no_grad():
+            b = None if bias is None else bias.detach()[hs]                              # [H, L, L]
+            b_red, b_key = (None, None) if b is None else _pool_keys(b, k)
             for p, didx in self._want:
-                sm, lg = hsel(softmax[p]), hsel(logits[p])                                     # [H, L, L]
-                if k == 1: w = sm if bias is None else sm + hsel(bias)                         # exactly what multiplies v
-                else: w = reduce_map(sm, self.max_len) if bias is None else reduce_map(sm, self.max_len) + red_bias
-                ka = sm.mean(-2) if bias is None else sm.mean(-2) + key_bias                  # [H, L]
-                # entropy from the scores: log p = s - logsumexp(s), and logsumexp(s) = max s - log(max p)
-                ent = lg.amax(-1) - sm.amax(-1).log() - torch.linalg.vecdot(sm, lg)          # [H, L]
-                r = dict(weights=w.to(self.dtype).cpu().clone(), key_attn=ka.to(self.dtype).cpu().clone(),
-                         entropy=ent.float().cpu(), idx=didx, batch=self.iter, sample=p, layer=name, tag=self.tag,
-                         epoch=getattr(self.learn, 'epoch', 0))
+                sm, lg = softmax[p, hs].detach(), logits[p, hs].detach()                 # [H, L, L], one sample at a time
+                red, key = _pool_keys(sm, k)
+                # full maps: exactly the matrix that multiplies the values; reduced: block means of softmax and bias
+                if k == 1: w = sm.clone() if b is None else sm + b
+                else: w = red if b is None else red + b_red
+                r = dict(weights=w.to(self.dtype).cpu(), key_attn=(key if b is None else key + b_key).to(self.dtype).cpu(),
+                         entropy=_entropy(sm, lg).float().cpu(), idx=didx, batch=self.iter, sample=p,
+                         layer=self._names.get(id(layer)), tag=self.tag, epoch=getattr(self.learn, 'epoch', 0))
                 if not self._fits(r): break
                 self._pending.append(r)
-            if self.aggregate and name == next(iter(self._names.values())):
-                red = reduce_map(hsel(softmax.detach()), self.max_len)                        # [bs, H, l, l]
-                self._batch_red = [red if red_bias is None else red + red_bias]
+            if agg:
+                red = torch.stack([_pool_keys(softmax[i, hs].detach(), k, keys=False)[0] for i in range(len(softmax))])
+                self._batch_red = red if b_red is None else red + b_red                  # [bs, H, l, l]
 
     def _fits(self, r):
         "Whether record `r` fits the memory budget; warn once when it does not"
-        used = sum(t.numel() * t.element_size() for rec in self.recording.records + self._pending for t in
-                   (rec['weights'], rec['key_attn'], rec['entropy']))
-        new = sum(t.numel() * t.element_size() for t in (r['weights'], r['key_attn'], r['entropy']))
-        if used + new <= self.max_mem * 2**20: return True
+        new = sum(r[k].numel() * r[k].element_size() for k in ('weights', 'key_attn', 'entropy'))
+        if self._used + new <= self.max_mem * 2**20:
+            self._used += new
+            return True
         self._full,self._want = True,[]
         warnings.warn(f"AttnRecorder stopped storing after {len(self.recording) + len(self._pending)} records: the next would "
                       f"pass max_mem={self.max_mem} MB. Keep what is recorded, or pass a larger max_mem, fewer samples or "
@@ -354,7 +370,7 @@ class AttnRecorder(Callback):
 
     def _aggregate(self, yb, pred):
         "Add this batch's reduced maps to the running sums"
-        red = self._batch_red[0].double()                                                    # [bs, H, l, l]
+        red = self._batch_red.double()                                                       # [bs, H, l, l]
         s, n = self.recording.aggregates.get('mean', (0., 0))
         self.recording.aggregates['mean'] = (s + red.sum(0), n + len(red))
         if self.aggregate != 'class': return
