@@ -46,9 +46,11 @@ def worker(kind, seq_len, bs, n_batches):
     T = type('T', (Callback,), {'before_batch': Timer.before_batch, 'after_pred': Timer.after_pred, 'order': -100})
     learn.get_preds(dl=dl, cbs=cbs + [T()])
     n_rec = len(cbs[0].recording) if cbs else 0
+    rec_bytes = sum(t.numel() * t.element_size() for r in cbs[0].recording.records
+                    for t in (r['weights'], r['key_attn'], r['entropy'])) if cbs else 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports kB)
     print(json.dumps(dict(kind=kind, seq_len=seq_len, bs=bs, s_per_batch=statistics.median(times[1:] or times),
-                          peak_rss=peak, records=n_rec)))
+                          peak_rss=peak, records=n_rec, recorded_bytes=rec_bytes)))
 
 def run(kind, seq_len, bs, n_batches):
     p = subprocess.run([sys.executable, __file__, '--worker', kind, str(seq_len), str(bs), str(n_batches)],
@@ -73,10 +75,12 @@ def main():
         res = {}
         for r in range(a.repeats):
             for kind in CONFIGS: res.setdefault(kind, []).append(run(kind, L, a.bs, a.batches))  # interleaved
-        med = {k: (statistics.median(x['s_per_batch'] for x in v), statistics.median(x['peak_rss'] for x in v)) for k, v in res.items()}
+        med = {k: (statistics.median(x['s_per_batch'] for x in v), statistics.median(x['peak_rss'] for x in v),
+                   v[0]['records'], v[0]['recorded_bytes']) for k, v in res.items()}
         print(f"\nseq_len={L}")
-        print(f"  {'configuration':58s} {'s/batch':>8s} {'time ratio':>10s} {'peak RSS':>9s} {'RSS ratio':>9s}")
-        for k, (t, m) in med.items():
-            print(f"  {CONFIGS[k]:58s} {t:8.3f} {t / med['stock'][0]:10.3f} {m / 2**30:7.2f} GB {m / med['stock'][1]:9.3f}")
+        print(f"  {'configuration':58s} {'s/batch':>8s} {'time ratio':>10s} {'peak RSS':>10s} {'RSS ratio':>9s} {'kept':>17s}")
+        for k, (t, m, n, b) in med.items():
+            print(f"  {CONFIGS[k]:58s} {t:8.3f} {t / med['stock'][0]:10.3f} {m / 2**30:7.2f} GB {m / med['stock'][1]:9.3f}"
+                  f" {n:4d} rec {b / 2**20:6.0f} MB")
 
 if __name__ == '__main__': main()

@@ -8,6 +8,7 @@ Docs: https://tsai-attnviz.github.io/tsai-attnviz/layers.html.md"""
 from __future__ import annotations
 from collections import deque
 import math
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,9 +16,9 @@ from fastcore.basics import store_attr
 from tsai.models.ConvTranPlus import Attention, Attention_Rel_Scl, Attention_Rel_Vec, ConvTranPlus
 
 # %% auto #0
-__all__ = ['Attention_With_Weights', 'Attention_Rel_Scl_With_Weights', 'Attention_Rel_Vec_With_Weights', 'attention_layers',
-           'swap_attention', 'unswap_attention', 'check_input', 'ConvTranPlusWithAttn', 'attention_stats',
-           'attention_hook', 'AttnStatsHook']
+__all__ = ['STAT_NAMES', 'Attention_With_Weights', 'Attention_Rel_Scl_With_Weights', 'Attention_Rel_Vec_With_Weights',
+           'attention_layers', 'swap_attention', 'unswap_attention', 'check_input', 'ConvTranPlusWithAttn',
+           'head_stats', 'attention_stats', 'attention_hook', 'AttnStatsHook']
 
 # %% ../nbs/00_layers.ipynb #44ad0c31
 _NOT_KEPT = ('attn_weights', 'attn_softmax', 'receiver')
@@ -192,20 +193,32 @@ class ConvTranPlusWithAttn(ConvTranPlus):
         return {**self.__dict__, 'attention_weights': deque(maxlen=self.max_batches)}
 
 # %% ../nbs/00_layers.ipynb #0deda581
+STAT_NAMES = ('min', 'max', 'mean', 'rowsum_min', 'rowsum_max', 'entropy', 'mean_distance')
+
+def head_stats(w:torch.Tensor, # [H, Lq, Lk], the effective matrix of one sample
+               sm:torch.Tensor=None, # [H, Lq, Lk], its softmax part (defaults to `w`)
+               entropy:torch.Tensor=None, # [H, Lq], each query's entropy, when already known
+              )->torch.Tensor: # [H, 7], columns as in `STAT_NAMES`
+    "Per head: min, max, mean, row-sum range, mean softmax entropy, mean attention distance (time steps)"
+    p = w if sm is None else sm
+    Lq, Lk = w.shape[-2:]
+    rs = w.sum(-1)                                                                   # [H, Lq]
+    if entropy is None: entropy = -torch.special.xlogy(p, p).sum(-1)                 # [H, Lq]
+    dist = (torch.arange(Lq)[:, None] - torch.arange(Lk)[None]).abs().to(p)          # [Lq, Lk]
+    md = torch.einsum('hqk,qk->hq', p, dist)                                         # how far each query looks
+    return torch.stack([w.amin((-2, -1)), w.amax((-2, -1)), w.mean((-2, -1)), rs.amin(-1), rs.amax(-1),
+                        entropy.mean(-1), md.mean(-1)], -1).float()
+
+_COMBINE = dict(min=min, max=max, mean=np.mean, rowsum_min=min, rowsum_max=max, entropy=np.mean, mean_distance=np.mean)
+
 def attention_stats(weights:torch.Tensor, # [bs, H, Lq, Lk], the effective matrix
                     softmax:torch.Tensor=None, # [bs, H, Lq, Lk], the softmax part (defaults to `weights`)
                    )->list: # one dict per head
-    "Per-head min, max, mean, row-sum range, softmax entropy and mean attention distance (in time steps)"
-    w = weights.detach().float()
-    p = w if softmax is None else softmax.detach().float()
-    H, Lq, Lk = w.shape[1:]
-    rs = w.sum(-1)                                                       # [bs, H, Lq]
-    ent = -(p * p.clamp_min(1e-30).log()).sum(-1)                        # [bs, H, Lq]
-    dist = (torch.arange(Lq)[:, None] - torch.arange(Lk)[None]).abs().float()  # [Lq, Lk]
-    md = (p * dist).sum(-1)                                              # [bs, H, Lq], softmax-weighted distance
-    return [dict(head=h, min=w[:, h].min().item(), max=w[:, h].max().item(), mean=w[:, h].mean().item(),
-                 rowsum_min=rs[:, h].min().item(), rowsum_max=rs[:, h].max().item(),
-                 entropy=ent[:, h].mean().item(), mean_distance=md[:, h].mean().item()) for h in range(H)]
+    "`head_stats` over a batch, one sample at a time: min of minima, max of maxima, means of means"
+    per = torch.stack([head_stats(w.detach(), None if softmax is None else softmax[i].detach())
+                       for i, w in enumerate(weights)])                              # [bs, H, 7]
+    return [dict(head=h, **{k: float(_COMBINE[k](per[:, h, j].tolist())) for j, k in enumerate(STAT_NAMES)})
+            for h in range(per.shape[1])]
 
 def attention_hook(module, input, output):
     "Forward hook that prints min, max and mean of a swapped layer's last weights"

@@ -13,7 +13,7 @@ from fastcore.basics import patch, listify
 from fastai.learner import Learner
 from .layers import check_input, attention_layers
 from .recorder import AttnRecorder, AttnRecording, _model_input
-from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, _check_index, _finish
+from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, plot_attention_stats, _check_index, _finish
 
 # %% auto #0
 __all__ = []
@@ -128,3 +128,36 @@ def _show_aggregate(learn, rec, aggregate, head, shared_scale, path):
     if head is not None and head not in heads: raise IndexError(f"head={head} is not recorded: heads are {heads}.")
     return plot_head_grid(maps, heads=None if head is None else [head], head_labels=heads, row_labels=labels,
                           seq_len=rec.seq_len, shared_scale=shared_scale, suptitle=f'Mean attention ({aggregate})', path=path)
+
+# %% ../nbs/03_learner.ipynb #aaedab8b
+@patch
+def show_attention_evolution(self:Learner,
+                             head:int=None, # one head (epochs as columns), or None for every head (epochs as rows)
+                             idx:int=None, # probe item (default: the first)
+                             layer=0, # attention layer, by number or name
+                             stats=('entropy', 'mean_distance', 'rowsum_min', 'rowsum_max'), # statistics to draw below; None: none
+                             path=None)->plt.Figure:
+    "Probe maps across epochs, with their statistics across epochs"
+    cb = _recorder(self)
+    rec = None if cb is None else cb.recording.filter(split='probe')
+    if rec is None or not len(rec): raise ValueError("No probe recorded: fit with learn.add_cb(AttnRecorder(every_epoch=True, probe=[...])).")
+    probe = sorted(set(rec.idxs))
+    idx = probe[0] if idx is None else idx
+    if idx not in probe: raise IndexError(f"idx={idx} is not a probe item: the probe is {probe}.")
+    name, _ = _pick(rec, layer, [idx], None, None)
+    recs = sorted((r for r in rec.records if r['idx'] == idx and r['layer'] == name), key=lambda r: r['epoch'])
+    heads, epochs = rec.heads, [r['epoch'] for r in recs]
+    if head is not None and head not in heads: raise IndexError(f"head={head} is not recorded: heads are {heads}.")
+    w = torch.stack([r['weights'] for r in recs]).float()                                  # [E, H, l, l]
+    lab = [f'Epoch {e}' + (' (before training)' if e == 0 else '') for e in epochs]
+    n_rows, n_cols = (len(epochs), len(heads)) if head is None else (1, len(epochs))
+    has_stats = bool(stats) and recs[0].get('stats') is not None
+    fig = plt.figure(figsize=(2.2 * n_cols + 1.5, 2.2 * n_rows + (2.8 if has_stats else 0.6)), layout='constrained')
+    top, bottom = fig.subfigures(2, 1, height_ratios=(2.2 * n_rows + 0.6, 2.8)) if has_stats else (fig, None)
+    title = f'Item {idx} of the validation set through training, {name}'
+    if head is None: plot_head_grid(w, head_labels=heads, row_labels=lab, seq_len=rec.seq_len, fig=top, suptitle=title)
+    else: plot_head_grid(w[:, heads.index(head)][None], col_labels=lab, row_labels=[f'Head {head}'], seq_len=rec.seq_len,
+                         fig=top, suptitle=title)
+    if has_stats: plot_attention_stats(rec.filter(idx=idx, layer=name).stats_df(), x='epoch', stats=list(stats),
+                                       heads=None if head is None else [head], fig=bottom)
+    return _finish(fig, path)

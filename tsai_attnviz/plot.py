@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from .recorder import reduce_map, block_size
 
 # %% auto #0
-__all__ = ['to_display', 'plot_attention_weights', 'plot_head_grid', 'plot_attention_over_series']
+__all__ = ['to_display', 'plot_attention_weights', 'plot_head_grid', 'plot_attention_over_series', 'plot_attention_stats',
+           'plot_item_across_folds']
 
 # %% ../nbs/02_plot.ipynb #7239e047
 def _t(o): return o.detach().float().cpu() if torch.is_tensor(o) else torch.as_tensor(np.asarray(o), dtype=torch.float32)
@@ -71,21 +72,25 @@ def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l]
                    row_labels=None, # one label per row, e.g. 'Sample 3'
                    seq_len:int=None, # time steps the maps cover, when they were reduced
                    shared_scale:bool=True, # one colour scale for every panel
-                   panel_size:float=2.2, suptitle=None, path=None)->plt.Figure:
+                   col_labels=None, # column titles instead of 'Head h' (e.g. epochs)
+                   panel_size:float=2.2, suptitle=None,
+                   fig=None, # a Figure or SubFigure to draw into
+                   path=None)->plt.Figure:
     "Grid of heatmaps: rows are samples (or classes), columns are heads, with a colorbar"
     w = _t(weights)
     if w.ndim == 3: w = w[None]
     head_labels = list(range(w.shape[1])) if head_labels is None else list(head_labels)
     cols = list(range(w.shape[1])) if heads is None else [head_labels.index(h) for h in heads]
     n, m = w.shape[0], len(cols)
-    fig, axs = plt.subplots(n, m, figsize=(panel_size * m + 1, panel_size * n + 0.6), squeeze=False, layout='constrained')
+    if fig is None: fig = plt.figure(figsize=(panel_size * m + 1, panel_size * n + 0.6), layout='constrained')
+    axs = fig.subplots(n, m, squeeze=False)
     sel = w[:, cols]
     vmin, vmax = (sel.min().item(), sel.max().item()) if shared_scale else (None, None)
     for i in range(n):
         for j, c in enumerate(cols):
             ax = axs[i, j]
             im = _heatmap(ax, w[i, c], seq_len, vmin, vmax)
-            if i == 0: ax.set_title(f'Head {head_labels[c]}')
+            if i == 0: ax.set_title(f'Head {head_labels[c]}' if col_labels is None else col_labels[j])
             if j == 0: ax.set_ylabel(('' if row_labels is None else f'{row_labels[i]}\n') + 'Query timestep')
             else: ax.set_yticklabels([])
             if i == n - 1: ax.set_xlabel('Key timestep')
@@ -93,7 +98,7 @@ def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l]
             if not shared_scale: fig.colorbar(im, ax=ax, shrink=0.8)
     if shared_scale: fig.colorbar(im, ax=axs, shrink=0.8, label='attention')
     if suptitle: fig.suptitle(suptitle)
-    return _finish(fig, path)
+    return _finish(fig.figure if hasattr(fig, 'figure') and fig.figure is not None else fig, path)
 
 # %% ../nbs/02_plot.ipynb #6e45de8e
 def plot_attention_over_series(x, # [c_in, L] the input as the model saw it
@@ -129,3 +134,45 @@ def plot_attention_over_series(x, # [c_in, L] the input as the model saw it
         ax2.set_ylim(c0 - pad, c1 + pad)
         ax2.set_ylabel('attention'); ax2.set_xlabel('Time step')
     return _finish(fig, path)
+
+# %% ../nbs/02_plot.ipynb #689a1268
+def plot_attention_stats(df, # `AttnRecording.stats_df()`: one row per record and head
+                         x:str='epoch', # 'epoch' or 'forward' (the recorder's count of forwards)
+                         stats=('entropy', 'mean_distance', 'rowsum_min', 'rowsum_max'), # columns to draw, a panel each
+                         heads=None, # heads to draw (default: all)
+                         fig=None, panel_size=(3.2, 2.4), path=None)->plt.Figure:
+    "Statistics across epochs or forwards, one line per head (mean over the records at each step)"
+    if x not in df.columns: raise ValueError(f"x={x!r}: use one of 'epoch', 'forward'.")
+    bad = [s for s in stats if s not in df.columns]
+    if bad: raise ValueError(f"stats {bad} are not in the table: columns are {list(df.columns)}.")
+    heads = sorted(df['head'].unique()) if heads is None else list(heads)
+    if fig is None: fig = plt.figure(figsize=(panel_size[0] * len(stats), panel_size[1]), layout='constrained')
+    axs = fig.subplots(1, len(stats), squeeze=False)[0]
+    g = df[df['head'].isin(heads)].groupby([x, 'head'])[list(stats)].mean().reset_index()
+    cmap = plt.get_cmap('tab10' if len(heads) <= 10 else 'tab20')
+    for ax, st in zip(axs, stats):
+        for i, h in enumerate(heads):
+            d = g[g['head'] == h]
+            ax.plot(d[x], d[st], marker='o', ms=3, color=cmap(i % cmap.N), label=f'Head {h}')
+        ax.set_title(st.replace('_', ' ')); ax.set_xlabel(x)
+    axs[-1].legend(fontsize='x-small', loc='center left', bbox_to_anchor=(1.02, 0.5))
+    return _finish(fig.figure if getattr(fig, 'figure', None) is not None else fig, path)
+
+# %% ../nbs/02_plot.ipynb #6765a166
+def plot_item_across_folds(recordings, # AttnRecordings (e.g. one per fold, loaded from files), or one holding several tags
+                           idx:int, # the dataset index to compare
+                           head:int=None, # one head, or None for every head
+                           layer:str=None, # layer name (default: the first recorded)
+                           path=None)->plt.Figure:
+    "The same item side by side across folds or runs: rows are tags ('Fold 1, Batch 1'), columns are heads"
+    rows, labels, meta = [], [], None
+    for rec in (recordings if isinstance(recordings, (list, tuple)) else [recordings]):
+        name = layer or (rec.layers[0] if len(rec) else None)
+        for tag in dict.fromkeys(rec.tags):
+            r = next((r for r in rec.records if r['idx'] == idx and r['tag'] == tag and r['layer'] == name), None)
+            if r is None: continue
+            rows.append(r['weights'].float()); labels.append(f"{tag}, Batch {r['batch']}"); meta = rec
+    if not rows: raise ValueError(f"idx={idx} is in none of the recordings: record it in each run, e.g. AttnRecorder(idxs=[{idx}], tag='fold 1').")
+    if len({tuple(w.shape) for w in rows}) > 1: raise ValueError("The recordings hold maps of different sizes: record them with the same max_len.")
+    return plot_head_grid(torch.stack(rows), heads=None if head is None else [head], head_labels=meta.heads, row_labels=labels,
+                          seq_len=meta.seq_len, suptitle=f'Item {idx} across runs', path=path)

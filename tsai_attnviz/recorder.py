@@ -7,14 +7,16 @@ Docs: https://tsai-attnviz.github.io/tsai-attnviz/recorder.html.md"""
 
 # %% ../nbs/01_recorder.ipynb #9494c825
 from __future__ import annotations
-import json, math, warnings
+import json, math, random, warnings
+from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
 from fastcore.basics import store_attr, listify, patch
 from fastai.callback.core import Callback
-from .layers import swap_attention, unswap_attention, attention_layers, check_input
+import pandas as pd
+from .layers import swap_attention, unswap_attention, attention_layers, check_input, head_stats, STAT_NAMES
 
 # %% auto #0
 __all__ = ['block_size', 'reduce_map', 'AttnRecording', 'AttnRecorder']
@@ -52,7 +54,7 @@ def _entropy(sm:torch.Tensor, logits:torch.Tensor)->torch.Tensor: # [..., Lq]
 # %% ../nbs/01_recorder.ipynb #ddc1c7a1
 _DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 _REC_ARRAYS = ('weights', 'key_attn', 'entropy', 'input', 'pred')
-_REC_SCALARS = ('target', 'idx', 'batch', 'sample', 'layer', 'tag', 'epoch')
+_REC_SCALARS = ('target', 'idx', 'batch', 'sample', 'layer', 'tag', 'epoch', 'split', 'forward')
 
 def _to_dtype(dtype):
     if isinstance(dtype, str) and dtype in _DTYPES: return _DTYPES[dtype]
@@ -106,6 +108,23 @@ class AttnRecording:
     @property
     def epochs(self): return [r['epoch'] for r in self.records]
     @property
+    def splits(self): return [r['split'] for r in self.records]  # 'valid', 'train' or 'probe'
+    @property
+    def forwards(self): return [r['forward'] for r in self.records]  # the recorder's count of forwards seen
+
+    def stats_df(self, per:str='record')->pd.DataFrame:
+        "Statistics of each record per head (`per='record'`), or combined per recorded forward (`per='forward'`)"
+        rows = [dict(tag=r['tag'], split=r['split'], epoch=r['epoch'], forward=r['forward'], batch=r['batch'],
+                     sample=r['sample'], idx=r['idx'], layer=r['layer'], head=h, **dict(zip(STAT_NAMES, st.tolist())))
+                for r in self.records if r.get('stats') is not None for h, st in zip(self.heads, r['stats'])]
+        if not rows: raise ValueError("No statistics recorded: use AttnRecorder(stats=True) (on by default with every_epoch=True).")
+        df = pd.DataFrame(rows)
+        if per == 'record': return df
+        if per != 'forward': raise ValueError(f"per={per!r}: use 'record' or 'forward'.")
+        keys = ['tag', 'split', 'epoch', 'forward', 'batch', 'layer', 'head']
+        how = dict(min='min', max='max', mean='mean', rowsum_min='min', rowsum_max='max', entropy='mean', mean_distance='mean')
+        return df.groupby(keys, dropna=False, sort=False).agg(how).reset_index()
+    @property
     def heads(self): return self.meta.get('heads')      # the model's head numbers kept, in order
     @property
     def seq_len(self): return self.meta.get('seq_len')
@@ -131,10 +150,11 @@ class AttnRecording:
     def to_numpy(self)->dict:
         "The recording as numpy arrays (bfloat16 maps become float32)"
         d = {k: (None if v is None else _np(v)) for k, v in
-             dict(weights=self.weights, key_attn=self.key_attn, entropy=self.entropy, inputs=self.inputs, preds=self.preds).items()}
+             dict(weights=self.weights, key_attn=self.key_attn, entropy=self.entropy, inputs=self.inputs, preds=self.preds,
+                  stats=self._stack('stats') if self.records and 'stats' in self.records[0] else None).items()}
         d['targets'] = np.array([np.nan if t is None else t for t in self.targets], dtype=float)
-        for k in ('idxs', 'batches', 'samples', 'epochs'): d[k] = np.array([-1 if v is None else v for v in getattr(self, k)])
-        for k in ('layers', 'tags'): d[k] = np.array(['' if v is None else str(v) for v in getattr(self, k)])
+        for k in ('idxs', 'batches', 'samples', 'epochs', 'forwards'): d[k] = np.array([-1 if v is None else v for v in getattr(self, k)])
+        for k in ('layers', 'tags', 'splits'): d[k] = np.array(['' if v is None else str(v) for v in getattr(self, k)])
         return d
 
 # %% ../nbs/01_recorder.ipynb #943d93bf
@@ -174,7 +194,7 @@ def load(cls:AttnRecording, path)->AttnRecording:
     for k in ('format', 'version'): meta.pop(k, None)
     t = lambda k, i, dt=None: None if k not in d else torch.from_numpy(np.array(d[k][i])).to(dt or torch.float32)
     recs = [dict(weights=t('weights', i, dtype), key_attn=t('key_attn', i, dtype), entropy=t('entropy', i),
-                 input=t('inputs', i), pred=t('preds', i),
+                 input=t('inputs', i), pred=t('preds', i), stats=t('stats', i), split=str(d['splits'][i]), forward=int(d['forwards'][i]),
                  target=None if np.isnan(d['targets'][i]) else int(d['targets'][i]) if float(d['targets'][i]).is_integer() else float(d['targets'][i]),
                  idx=None if d['idxs'][i] < 0 else int(d['idxs'][i]), batch=int(d['batches'][i]), sample=int(d['samples'][i]),
                  epoch=int(d['epochs'][i]), layer=str(d['layers'][i]), tag=str(d['tags'][i]) or None) for i in range(n)]
@@ -202,11 +222,21 @@ def _batch_idxs(dl, it, n):
     if not getattr(dl, 'shuffle', False): return list(range(it * dl.bs, it * dl.bs + n))
     return [None] * n
 
+@contextmanager
+def _rng_kept():
+    "Leave Python's, numpy's and torch's random streams as they were"
+    st = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try: yield
+    finally:
+        random.setstate(st[0]); np.random.set_state(st[1]); torch.set_rng_state(st[2])
+        if cuda is not None: torch.cuda.set_rng_state_all(cuda)
+
 # %% ../nbs/01_recorder.ipynb #4f450cac
 class AttnRecorder(Callback):
     "Record selected attention maps of ConvTranPlus attention layers while a Learner validates or predicts"
     order,run_valid,run_train = 60,True,True  # after the model's output is gathered; train batches only with `train=True`
-    _stateattrs = ('recording', '_names', '_want', '_pending', '_batch_red', '_swapped')
+    _stateattrs = ('recording', '_names', '_want', '_pending', '_batch_red', '_swapped', '_probe_batch')
 
     def __init__(self,
         batches=(0,), # batch numbers of each pass to record; None: every batch
@@ -219,13 +249,18 @@ class AttnRecorder(Callback):
         aggregate:str=None, # None, 'mean' or 'class': streaming mean maps over every sample of a pass
         max_mem:float=256, # MB of records to hold; past it, stop storing and warn once
         tag=None, # label kept with each record, e.g. 'fold 1'
-        train:bool=False, # record training batches too
+        train:bool=False, # record training batches too (detached copies: the autograd graph is never held)
         restore:bool=True, # give the layers their stock classes back after each pass
         accumulate:bool=False, # keep records across passes instead of starting afresh at each
+        every_epoch:bool=False, # during fit: record the probe before training and after each epoch, instead of valid batches
+        probe=None, # validation-set indices run by `every_epoch` (default: [0])
+        stats:bool=None, # per-record statistics at full resolution (see `head_stats`); default: on with every_epoch
     ):
         if aggregate not in (None, 'mean', 'class'): raise ValueError(f"aggregate={aggregate!r}: use None, 'mean' or 'class'.")
         if max_len is not None and max_len < 1: raise ValueError(f"max_len={max_len}: use a positive number of cells, or None.")
-        store_attr('samples,layers,max_len,aggregate,max_mem,tag,train,restore,accumulate')
+        store_attr('samples,layers,max_len,aggregate,max_mem,tag,train,restore,accumulate,every_epoch')
+        self.probe = _as_list(probe) if probe is not None else ([0] if every_epoch else None)
+        self.stats = every_epoch if stats is None else stats
         self.batches,self.samples,self.idxs,self.heads = _as_list(batches),_as_list(samples),_as_list(idxs),_as_list(heads)
         self.dtype = _to_dtype(dtype)
         self._init_state()
@@ -234,6 +269,7 @@ class AttnRecorder(Callback):
         "Fresh, empty recording state: at creation, and when a pickled Learner is loaded (the state is not pickled)"
         super()._init_state()
         self.recording,self._swapped,self._names,self._want,self._pending,self._batch_red = AttnRecording(),[],{},[],[],None
+        self._cur,self._forward,self._in_fit,self._probe_batch = dict(batch=0, epoch=0, split='valid'),0,False,None
 
     # -- the fit loop ------------------------------------------------------------------
     def before_fit(self):
@@ -250,11 +286,18 @@ class AttnRecorder(Callback):
         if self._error is not None: raise self._error
         self._seen_batches = 0
     def before_validate(self): self._start()
-    def before_train(self): self._start()
+    def before_train(self):
+        self._start()
+        if self.every_epoch and not self._in_fit: self._run_probe(0)  # before any training step
+        self._in_fit = True
+
+    def after_epoch(self):
+        if self.every_epoch and self._in_fit: self._run_probe(self.epoch + 1)
 
     def before_batch(self):
         self._pending,self._batch_red = [],None
-        if self.training and not self.train: self._want = []; return
+        self._cur = dict(batch=self.iter, epoch=getattr(self.learn, 'epoch', 0), split='train' if self.training else 'valid')
+        if (self.training and not self.train) or (self.every_epoch and not self.training): self._want = []; return
         self._seen_batches = max(self._seen_batches, self.iter + 1)
         xb = self.xb[0] if len(self.xb) else None
         if self._shape is not None and xb is not None: check_input(xb, *self._shape, f"{type(self.learn.model).__name__} in this Learner")
@@ -267,13 +310,16 @@ class AttnRecorder(Callback):
         self._want = [] if self._full else [(p, didx[p]) for p in want]
         if self.idxs is not None: self._seen.update(d for _, d in self._want)
 
-    def after_pred(self):
+    def after_pred(self): self._keep(self.xb[0], self.yb[0] if len(self.yb) else None, self.pred)
+
+    def _keep(self, xb, yb, pred):
+        "Add this forward's inputs, targets and predictions to its pending records, and store them"
         if not self._pending and self._batch_red is None: return
-        pred = self.pred.detach() if torch.is_tensor(self.pred) else None
-        yb = self.yb[0].detach() if len(self.yb) else None
+        pred = pred.detach() if torch.is_tensor(pred) else None
+        yb = yb.detach() if yb is not None else None
         for r in self._pending:
             p = r['sample']
-            r['input'] = self.xb[0][p].detach().float().cpu()
+            r['input'] = xb[p].detach().float().cpu()
             r['pred'] = None if pred is None else pred[p].float().cpu()
             r['target'] = None if yb is None else yb[p].item() if yb[p].numel() == 1 else None
         self.recording.records += self._pending
@@ -281,6 +327,7 @@ class AttnRecorder(Callback):
         self._pending,self._batch_red = [],None
 
     def after_validate(self):
+        if self.every_epoch: return  # validation batches are not what is recorded then
         if self.idxs is not None: missing = sorted(set(self.idxs) - self._seen)
         elif self.batches is not None: missing = [b for b in self.batches if b >= self._seen_batches]
         else: missing = []
@@ -289,7 +336,39 @@ class AttnRecorder(Callback):
             there = f"{self._seen_batches} batches (0..{self._seen_batches - 1})" if what == 'batches' else "other items"
             warnings.warn(f"AttnRecorder: {what}={missing} were not in this pass, which had {there}; nothing recorded for them.")
 
-    def after_fit(self): self._detach()
+    def after_fit(self):
+        self._in_fit = False
+        self._detach()
+
+    # -- the probe ---------------------------------------------------------------------
+    def _get_probe(self):
+        "The probe items of the validation set after the batch transforms, as (x, y, idxs), gathered once per fit"
+        dl, xs, ys, found = self.dls.valid.new(shuffle=False, drop_last=False), [], [], []
+        for it, b in enumerate(dl):
+            xb, yb = b[0], (b[1] if len(b) > 1 else None)
+            for p, d in enumerate(_batch_idxs(dl, it, len(xb))):
+                if d in self.probe: xs.append(xb[p]); ys.append(None if yb is None else yb[p]); found.append(d)
+            if len(found) == len(self.probe): break
+        missing = sorted(set(self.probe) - set(found))
+        if missing: raise ValueError(f"probe={missing} not in the validation set, which has {len(dl.dataset)} items (0..{len(dl.dataset) - 1}).")
+        y = None if ys[0] is None else torch.stack(ys)
+        return torch.stack(xs), y, found
+
+    def _run_probe(self, epoch):
+        "Run the probe through the model in eval mode without gradients; training, weights and random streams untouched"
+        with _rng_kept():
+            if self._probe_batch is None: self._probe_batch = self._get_probe()
+            x, y, idxs = self._probe_batch
+            model = self.learn.model
+            was = model.training
+            self._want,self._pending,self._batch_red = list(zip(range(len(idxs)), idxs)),[],None
+            self._cur = dict(batch=-1, epoch=epoch, split='probe')
+            model.eval()
+            try:
+                with torch.no_grad(): pred = model(x)
+            finally: model.train(was)
+            self._keep(x, y, pred)
+            self._want = []
     def __del__(self):
         try: self._detach()
         except Exception: pass
@@ -341,15 +420,18 @@ class AttnRecorder(Callback):
         with torch.no_grad():
             b = None if bias is None else bias.detach()[hs]                              # [H, L, L]
             b_red, b_key = (None, None) if b is None else _pool_keys(b, k)
+            if id(layer) == self._agg_layer: self._forward += 1
             for p, didx in self._want:
                 sm, lg = softmax[p, hs].detach(), logits[p, hs].detach()                 # [H, L, L], one sample at a time
                 red, key = _pool_keys(sm, k)
-                # full maps: exactly the matrix that multiplies the values; reduced: block means of softmax and bias
-                if k == 1: w = sm.clone() if b is None else sm + b
-                else: w = red if b is None else red + b_red
+                full = sm if b is None else sm + b if (k == 1 or self.stats) else None   # the matrix that multiplies v
+                # full maps: exactly that matrix; reduced: block means of the softmax and of the bias
+                w = (full.clone() if b is None else full) if k == 1 else red if b is None else red + b_red
+                ent = _entropy(sm, lg)
                 r = dict(weights=w.to(self.dtype).cpu(), key_attn=(key if b is None else key + b_key).to(self.dtype).cpu(),
-                         entropy=_entropy(sm, lg).float().cpu(), idx=didx, batch=self.iter, sample=p,
-                         layer=self._names.get(id(layer)), tag=self.tag, epoch=getattr(self.learn, 'epoch', 0))
+                         entropy=ent.float().cpu(), idx=didx, sample=p, layer=self._names.get(id(layer)), tag=self.tag,
+                         forward=self._forward, **self._cur)
+                if self.stats: r['stats'] = head_stats(full, sm, ent).cpu()             # [H, 7]
                 if not self._fits(r): break
                 self._pending.append(r)
             if agg:
