@@ -52,6 +52,19 @@ def worker(kind, seq_len, bs, n_batches):
     print(json.dumps(dict(kind=kind, seq_len=seq_len, bs=bs, s_per_batch=statistics.median(times[1:] or times),
                           peak_rss=peak, records=n_rec, recorded_bytes=rec_bytes)))
 
+def draw_time(seq_len=3000, repeats=3):
+    "Seconds to draw and save an 8-head grid of seq_len × seq_len maps (median)"
+    import tempfile, torch, matplotlib; matplotlib.use('Agg')
+    from tsai_attnviz.plot import plot_head_grid
+    w = torch.rand(1, 8, seq_len, seq_len)
+    ts = []
+    with tempfile.TemporaryDirectory() as d:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            plot_head_grid(w, path=f'{d}/grid.png')
+            ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
 def run(kind, seq_len, bs, n_batches):
     p = subprocess.run([sys.executable, __file__, '--worker', kind, str(seq_len), str(bs), str(n_batches)],
                        capture_output=True, text=True)
@@ -71,6 +84,7 @@ def main():
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"c_in=3, d_model=16, n_heads=8, dim_ff=256, tAPE, eRPE; batch size {a.bs}; {a.batches} batches a process "
           f"(time: median of batches after the first), {a.repeats} processes a configuration (medians)")
+    print(f"drawing and saving an 8-head grid of 3000 x 3000 maps: {draw_time():.2f} s (target: under 2 s)")
     for L in a.lens:
         res = {}
         for r in range(a.repeats):

@@ -1,5 +1,5 @@
 "Issue 7: attention through training (probe per epoch), statistics, folds, and recording training steps."
-import copy
+import copy, random
 import numpy as np, pytest, torch
 import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
@@ -14,9 +14,16 @@ class KeepWeights(Callback):
     def before_fit(self): self.states = [copy.deepcopy(self.learn.model.state_dict())]
     def after_epoch(self): self.states.append(copy.deepcopy(self.learn.model.state_dict()))
 
+class CheckMode(Callback):
+    "After the recorder's probe (order 60), training batches still see a model in train mode"
+    order = 61
+    def before_batch(self):
+        if self.training: assert self.learn.model.training
+
 def fit(bm_data, cbs, epochs=3, seed=7):
     learn = make_learner(*bm_data, seed=seed)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, 3e-3, cbs=cbs)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, 3e-3, cbs=cbs + [CheckMode()])
+    learn.after_fit_draws = (random.random(), np.random.rand(), torch.rand(1).item())  # the random streams after fit
     return learn
 
 @pytest.fixture(scope='module')
@@ -33,6 +40,7 @@ def test_training_unaffected(runs):
     assert with_rec.recorder.values == without.recorder.values
     a, b = with_rec.model.state_dict(), without.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # final weights, bitwise
+    assert with_rec.after_fit_draws == without.after_fit_draws  # the same random streams
     no_leftovers(with_rec.model)
 
 def test_probe_maps_per_epoch_equal_independent_forwards(runs, bm_data):
