@@ -184,3 +184,42 @@ def test_memory_budget_warns_once_and_keeps(learn):
     assert sum('stopped storing' in str(w.message) for w in ws) == 1
     n = len(rec.recording)
     assert 0 < n < 40 and rec.recording.weights.numel() * 4 <= 2**20
+
+# -- plain PyTorch models, several layers, errors during fit ---------------------------------
+class TwoTowers(torch.nn.Module):
+    "A plain PyTorch model with two ConvTranPlus attention layers (found by type, not by path)"
+    def __init__(self):
+        super().__init__()
+        from tsai.models.ConvTranPlus import ConvTranPlus
+        self.a, self.b = ConvTranPlus(6, 4, 100, n_heads=8), ConvTranPlus(6, 4, 100, rel_pos_encode='vector', n_heads=4)
+    def forward(self, x): return self.a(x) + self.b(x)
+
+def test_plain_pytorch_model_with_two_layers(bm_data):
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    learn0 = make_learner(*bm_data)
+    torch.manual_seed(0)
+    learn = Learner(learn0.dls, TwoTowers(), loss_func=CrossEntropyLossFlat())
+    assert [n for n, _ in attention_layers(learn.model)] == ['a.backbone.attention_layer', 'b.backbone.attention_layer']
+    rec = AttnRecorder(layers=['b.backbone.attention_layer'], samples=[0])
+    learn.get_preds(cbs=[rec])
+    assert rec.recording.layers == ['b.backbone.attention_layer'] and rec.recording.weights.shape == (1, 4, 100, 100)
+    no_leftovers(learn.model)
+    rec = AttnRecorder(samples=[0])
+    learn.get_preds(cbs=[rec])
+    assert rec.recording.layers == ['a.backbone.attention_layer', 'b.backbone.attention_layer']
+    with pytest.raises(ValueError, match=r"layers=\['c'\] not in the model: its attention layers are"):
+        learn.get_preds(cbs=[AttnRecorder(layers=['c'])])
+    no_leftovers(learn.model)
+
+def test_errors_during_fit_leave_nothing_behind(bm_data):
+    learn = make_learner(*bm_data)
+    with pytest.raises(ValueError, match=r'probe=\[99\] not in the validation set, which has 40 items \(0..39\)'):
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=[AttnRecorder(every_epoch=True, probe=[99])])
+    no_leftovers(learn.model)
+
+def test_restore_false_keeps_the_swap_without_receiver(learn):
+    learn.get_preds(cbs=[AttnRecorder(restore=False)])
+    layer = learn.model.backbone.attention_layer
+    assert type(layer).__name__ == 'Attention_Rel_Scl_With_Weights' and layer.receiver is None and not layer.keep_weights
+    unswap_attention(learn.model)

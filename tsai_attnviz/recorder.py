@@ -283,16 +283,23 @@ class AttnRecorder(Callback):
         except ValueError as e: self._error = e
 
     def _start(self):
-        if self._error is not None: raise self._error
+        if self._error is not None: raise self._error  # nothing was swapped: _attach checks before it changes anything
         self._seen_batches = 0
     def before_validate(self): self._start()
     def before_train(self):
         self._start()
-        if self.every_epoch and not self._in_fit: self._run_probe(0)  # before any training step
+        if self.every_epoch and not self._in_fit: self._cleanly(self._run_probe, 0)  # before any training step
         self._in_fit = True
 
+    def _cleanly(self, f, *args):
+        "Call `f`; on an error, take receivers and swapped classes off first (fit calls no after_fit after an error)"
+        try: return f(*args)
+        except Exception:
+            self._detach()
+            raise
+
     def after_epoch(self):
-        if self.every_epoch and self._in_fit: self._run_probe(self.epoch + 1)
+        if self.every_epoch and self._in_fit: self._cleanly(self._run_probe, self.epoch + 1)
 
     def before_batch(self):
         self._pending,self._batch_red = [],None
@@ -300,7 +307,8 @@ class AttnRecorder(Callback):
         if (self.training and not self.train) or (self.every_epoch and not self.training): self._want = []; return
         self._seen_batches = max(self._seen_batches, self.iter + 1)
         xb = self.xb[0] if len(self.xb) else None
-        if self._shape is not None and xb is not None: check_input(xb, *self._shape, f"{type(self.learn.model).__name__} in this Learner")
+        if self._shape is not None and xb is not None:
+            self._cleanly(check_input, xb, *self._shape, f"{type(self.learn.model).__name__} in this Learner")
         n = len(xb)
         didx = _batch_idxs(self.dl, self.iter, n)
         if self.idxs is not None: want = [p for p in range(n) if didx[p] in self.idxs]
@@ -369,6 +377,7 @@ class AttnRecorder(Callback):
             finally: model.train(was)
             self._keep(x, y, pred)
             self._want = []
+
     def __del__(self):
         try: self._detach()
         except Exception: pass
@@ -392,7 +401,7 @@ class AttnRecorder(Callback):
             if self.heads is not None and any(not 0 <= h < m.n_heads for h in self.heads):
                 raise ValueError(f"heads={self.heads} but the model has {m.n_heads} heads (0..{m.n_heads - 1}).")
         was = {id(m): type(m) for _, m in sel}
-        swap_attention(model, keep_weights=False)  # layers swapped here hold nothing after their forward
+        for _, m in sel: swap_attention(m, keep_weights=False)  # only the selected; swapped here, they keep nothing
         self._swapped = [(n, m, type(m) is not was[id(m)]) for n, m in sel]
         for n, m in sel: m.receiver = self._receive
         self._names = {id(m): n for n, m in sel}
