@@ -63,7 +63,7 @@ def check_data(X:np.ndarray, c_in:int, seq_len:int)->np.ndarray:
     if bad.any(): raise CLIError(f"--data has {int(bad.sum())} NaN or inf values (first at {np.argwhere(bad)[0].tolist()}); expected finite numbers")
     return X.astype('float32')
 
-# %% ../nbs/04_cli.ipynb #8f5d9575
+# %% ../nbs/04_cli.ipynb #ca0d37d5
 def write_figures(learn, out:Path, idxs:list, head:int=0, X=None, y=None, max_len:int=256)->dict:
     "Record `idxs` (of `X`, else the validation set) and write the head grid, the over-the-series views, the seed heatmap and the recording"
     import matplotlib; matplotlib.use('Agg')
@@ -89,7 +89,7 @@ def write_figures(learn, out:Path, idxs:list, head:int=0, X=None, y=None, max_le
     plt.close('all')
     return files
 
-# %% ../nbs/04_cli.ipynb #3cf937b1
+# %% ../nbs/04_cli.ipynb #7b57d6e6
 def _demo(a):
     from tsai.basics import TSClassifier, TSClassification, accuracy, set_seed
     from tsai.models.ConvTranPlus import ConvTranPlus
