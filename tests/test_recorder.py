@@ -223,3 +223,15 @@ def test_restore_false_keeps_the_swap_without_receiver(learn):
     layer = learn.model.backbone.attention_layer
     assert type(layer).__name__ == 'Attention_Rel_Scl_With_Weights' and layer.receiver is None and not layer.keep_weights
     unswap_attention(learn.model)
+
+def test_show_attention_on_new_data_keeps_the_attached_recording(learn, bm_data):
+    X, y, splits = bm_data
+    rec = AttnRecorder(samples=[0, 1])
+    learn.add_cb(rec)
+    learn.get_preds()
+    before = rec.recording.weights.clone()
+    f = learn.show_attention(X=X[splits[1][10:14]], sample=2, head=0)
+    assert f.axes[0].get_title() == 'Layer 0, Head 0, Batch 0'
+    assert torch.equal(rec.recording.weights, before) and len(rec.recording) == 2
+    assert rec in learn.cbs
+    plt.close('all')

@@ -42,7 +42,8 @@ def record_attention(self:Learner,
         if shape is not None: check_input(torch.empty(X.shape[:3] if X.ndim >= 3 else X.shape, device='meta'), *shape, 'the model')
         dl = self.dls.valid.new_dl(X, y=y)
     rec = AttnRecorder(**kwargs)
-    self.get_preds(dl=dl, cbs=[rec], reorder=False)
+    attached = [cb for cb in self.cbs if isinstance(cb, AttnRecorder)]
+    with self.removed_cbs(attached): self.get_preds(dl=dl, cbs=[rec], reorder=False)  # their recordings stay as they are
     return rec.recording
 
 # %% ../nbs/03_learner.ipynb #24126c0a
