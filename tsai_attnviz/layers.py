@@ -32,13 +32,18 @@ class _ExposesWeights:
         bias:torch.Tensor|None=None, # [n_heads, q_len, k_len], eRPE's relative bias, added after the softmax
     )->torch.Tensor: # [bs, n_heads, q_len, k_len], the matrix that multiplies the values
         "Softmax, hand the attention to the receiver, keep it if asked, and return the effective matrix"
+        if not (logits.requires_grad or self.keep_weights):
+            # Prediction: one sample at a time, each softmax written over its scores (softmax is row-wise: same values)
+            for i in range(len(logits)):
+                sm = F.softmax(logits[i], dim=-1)                                   # [H, L, L]
+                if self.receiver is not None: self.receiver(self, sm[None], bias, logits[i:i+1], i)
+                logits[i] = sm
+            self.attn_weights = self.attn_softmax = None
+            return logits if bias is None else logits.add_(bias)
         softmax = F.softmax(logits, dim=-1)
-        if self.receiver is not None: self.receiver(self, softmax, bias, logits)
+        if self.receiver is not None: self.receiver(self, softmax, bias, logits, 0)
         del logits  # frees the scores before the bias is added, as stock does
-        if bias is None: attn = softmax
-        # In-place only where nothing needs the softmax afterwards: no autograd, not kept. Values are the same either way.
-        elif softmax.requires_grad or self.keep_weights: attn = softmax + bias
-        else: attn = softmax.add_(bias)
+        attn = softmax if bias is None else softmax + bias  # out of place: autograd or `attn_softmax` need the softmax
         if self.keep_weights: self.attn_weights,self.attn_softmax = attn.detach(),softmax.detach()
         else: self.attn_weights = self.attn_softmax = None
         return attn

@@ -268,7 +268,7 @@ class AttnRecorder(Callback):
     def _init_state(self):
         "Fresh, empty recording state: at creation, and when a pickled Learner is loaded (the state is not pickled)"
         super()._init_state()
-        self.recording,self._swapped,self._names,self._want,self._pending,self._batch_red = AttnRecording(),[],{},[],[],None
+        self.recording,self._swapped,self._names,self._want,self._pending,self._batch_red = AttnRecording(),[],{},[],[],[]
         self._cur,self._forward,self._in_fit,self._probe_batch = dict(batch=0, epoch=0, split='valid'),0,False,None
 
     # -- the fit loop ------------------------------------------------------------------
@@ -302,7 +302,7 @@ class AttnRecorder(Callback):
         if self.every_epoch and self._in_fit: self._cleanly(self._run_probe, self.epoch + 1)
 
     def before_batch(self):
-        self._pending,self._batch_red = [],None
+        self._pending,self._batch_red = [],[]
         self._cur = dict(batch=self.iter, epoch=getattr(self.learn, 'epoch', 0), split='train' if self.training else 'valid')
         if (self.training and not self.train) or (self.every_epoch and not self.training): self._want = []; return
         self._seen_batches = max(self._seen_batches, self.iter + 1)
@@ -322,7 +322,7 @@ class AttnRecorder(Callback):
 
     def _keep(self, xb, yb, pred):
         "Add this forward's inputs, targets and predictions to its pending records, and store them"
-        if not self._pending and self._batch_red is None: return
+        if not self._pending and not self._batch_red: return
         pred = pred.detach() if torch.is_tensor(pred) else None
         yb = yb.detach() if yb is not None else None
         for r in self._pending:
@@ -331,8 +331,8 @@ class AttnRecorder(Callback):
             r['pred'] = None if pred is None else pred[p].float().cpu()
             r['target'] = None if yb is None else yb[p].item() if yb[p].numel() == 1 else None
         self.recording.records += self._pending
-        if self._batch_red is not None: self._aggregate(yb, pred)
-        self._pending,self._batch_red = [],None
+        if self._batch_red: self._aggregate(yb, pred)
+        self._pending,self._batch_red = [],[]
 
     def after_validate(self):
         if self.every_epoch: return  # validation batches are not what is recorded then
@@ -369,7 +369,7 @@ class AttnRecorder(Callback):
             x, y, idxs = self._probe_batch
             model = self.learn.model
             was = model.training
-            self._want,self._pending,self._batch_red = list(zip(range(len(idxs)), idxs)),[],None
+            self._want,self._pending,self._batch_red = list(zip(range(len(idxs)), idxs)),[],[]
             self._cur = dict(batch=-1, epoch=epoch, split='probe')
             model.eval()
             try:
@@ -407,7 +407,7 @@ class AttnRecorder(Callback):
         self._names = {id(m): n for n, m in sel}
         self._agg_layer = id(sel[0][1])  # aggregates follow the first selected layer
         self._shape = _model_input(model)
-        self._want,self._pending,self._batch_red = [],[],None
+        self._want,self._pending,self._batch_red = [],[],[]
         self.recording.meta.update(heads=self.heads or list(range(sel[0][1].n_heads)), max_len=self.max_len)
 
     def _detach(self):
@@ -418,10 +418,12 @@ class AttnRecorder(Callback):
         self._swapped,self._want = [],[]
 
     # -- receiving ---------------------------------------------------------------------
-    def _receive(self, layer, softmax, bias, logits):
-        "Copy what is selected from one forward of `layer`: softmax and logits [bs, H, L, L], bias [H, L, L] or None"
+    def _receive(self, layer, softmax, bias, logits, start):
+        "Copy what is selected: softmax and logits [n, H, L, L] of batch samples start.., bias [H, L, L] or None"
         agg = self.aggregate is not None and (self.train or not self.training) and id(layer) == self._agg_layer
-        if not self._want and not agg: return
+        if id(layer) == self._agg_layer and start == 0: self._forward += 1
+        want = [(p, d) for p, d in self._want if start <= p < start + len(softmax)]
+        if not want and not agg: return
         L = softmax.shape[-1]
         k = block_size(L, self.max_len)
         self.recording.meta.update(seq_len=L, block=k)
@@ -429,9 +431,8 @@ class AttnRecorder(Callback):
         with torch.no_grad():
             b = None if bias is None else bias.detach()[hs]                              # [H, L, L]
             b_red, b_key = (None, None) if b is None else _pool_keys(b, k)
-            if id(layer) == self._agg_layer: self._forward += 1
-            for p, didx in self._want:
-                sm, lg = softmax[p, hs].detach(), logits[p, hs].detach()                 # [H, L, L], one sample at a time
+            for p, didx in want:
+                sm, lg = softmax[p - start, hs].detach(), logits[p - start, hs].detach() # [H, L, L], one sample at a time
                 red, key = _pool_keys(sm, k)
                 full = sm if b is None else sm + b if (k == 1 or self.stats) else None   # the matrix that multiplies v
                 # full maps: exactly that matrix; reduced: block means of the softmax and of the bias
@@ -444,8 +445,8 @@ class AttnRecorder(Callback):
                 if not self._fits(r): break
                 self._pending.append(r)
             if agg:
-                red = torch.stack([_pool_keys(softmax[i, hs].detach(), k, keys=False)[0] for i in range(len(softmax))])
-                self._batch_red = red if b_red is None else red + b_red                  # [bs, H, l, l]
+                red = torch.stack([_pool_keys(sm[hs].detach(), k, keys=False)[0] for sm in softmax])
+                self._batch_red.append(red if b_red is None else red + b_red)            # [n, H, l, l]
 
     def _fits(self, r):
         "Whether record `r` fits the memory budget; warn once when it does not"
@@ -461,7 +462,7 @@ class AttnRecorder(Callback):
 
     def _aggregate(self, yb, pred):
         "Add this batch's reduced maps to the running sums"
-        red = self._batch_red.double()                                                       # [bs, H, l, l]
+        red = torch.cat(self._batch_red).double()                                            # [bs, H, l, l]
         s, n = self.recording.aggregates.get('mean', (0., 0))
         self.recording.aggregates['mean'] = (s + red.sum(0), n + len(red))
         if self.aggregate != 'class': return
