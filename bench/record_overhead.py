@@ -36,7 +36,7 @@ def worker(kind, seq_len, bs, n_batches):
     ds = [(torch.from_numpy(x), torch.zeros(1)) for x in X]
     dl = DataLoader(ds, bs=bs, shuffle=False)
     learn = Learner(DataLoaders(dl, dl), model, loss_func=torch.nn.MSELoss())
-    cbs = {'stock': [], 'one': [AttnRecorder(batches=None, samples=[0])],
+    cbs = {'stock': [], 'one': [AttnRecorder(batches=None, samples=[0], max_mem=4096)],
            'all256': [AttnRecorder(batches=None, max_len=256, max_mem=4096)]}[kind]
     times = []
     class Timer:

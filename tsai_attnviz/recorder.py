@@ -236,7 +236,7 @@ def _rng_kept():
 class AttnRecorder(Callback):
     "Record selected attention maps of ConvTranPlus attention layers while a Learner validates or predicts"
     order,run_valid,run_train = 60,True,True  # after the model's output is gathered; train batches only with `train=True`
-    _stateattrs = ('recording', '_names', '_want', '_pending', '_batch_red', '_swapped', '_probe_batch')
+    _stateattrs = ('recording', '_names', '_want', '_pending', '_batch_red', '_swapped', '_probe_batch', '_bias')
 
     def __init__(self,
         batches=(0,), # batch numbers of each pass to record; None: every batch
@@ -270,6 +270,7 @@ class AttnRecorder(Callback):
         super()._init_state()
         self.recording,self._swapped,self._names,self._want,self._pending,self._batch_red = AttnRecording(),[],{},[],[],[]
         self._cur,self._forward,self._in_fit,self._probe_batch = dict(batch=0, epoch=0, split='valid'),0,False,None
+        self._bias = {}  # per layer: this forward's bias, its block means and its key means
 
     # -- the fit loop ------------------------------------------------------------------
     def before_fit(self):
@@ -422,6 +423,7 @@ class AttnRecorder(Callback):
         "Copy what is selected: softmax and logits [n, H, L, L] of batch samples start.., bias [H, L, L] or None"
         agg = self.aggregate is not None and (self.train or not self.training) and id(layer) == self._agg_layer
         if id(layer) == self._agg_layer and start == 0: self._forward += 1
+        if start == 0: self._bias[id(layer)] = None  # a new forward: its bias parts are made when first needed
         want = [(p, d) for p, d in self._want if start <= p < start + len(softmax)]
         if not want and not agg: return
         L = softmax.shape[-1]
@@ -429,8 +431,10 @@ class AttnRecorder(Callback):
         self.recording.meta.update(seq_len=L, block=k)
         hs = slice(None) if self.heads is None else self.heads
         with torch.no_grad():
-            b = None if bias is None else bias.detach()[hs]                              # [H, L, L]
-            b_red, b_key = (None, None) if b is None else _pool_keys(b, k)
+            if self._bias.get(id(layer)) is None:  # the bias is the same for every sample of a forward: reduce it once
+                b = None if bias is None else bias.detach()[hs]                          # [H, L, L]
+                self._bias[id(layer)] = (b, *((None, None) if b is None else _pool_keys(b, k)))
+            b, b_red, b_key = self._bias[id(layer)]
             for p, didx in want:
                 sm, lg = softmax[p - start, hs].detach(), logits[p - start, hs].detach() # [H, L, L], one sample at a time
                 red, key = _pool_keys(sm, k)
