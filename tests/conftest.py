@@ -2,7 +2,7 @@
 import os
 os.environ.setdefault('MPLBACKEND', 'Agg')
 import warnings
-import numpy as np, pytest, torch
+import pytest, torch
 from tsai.basics import TSClassifier, TSClassification, TSStandardize, accuracy, set_seed
 from tsai.models.ConvTranPlus import ConvTranPlus
 from tsai_attnviz.cli import load_dataset

@@ -2,7 +2,6 @@
 import copy, random
 import numpy as np, pytest, torch
 import matplotlib; matplotlib.use('Agg')
-import matplotlib.pyplot as plt
 from fastai.callback.core import Callback
 from tsai.models.ConvTranPlus import ConvTranPlus
 from tsai_attnviz.all import *

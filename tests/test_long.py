@@ -1,7 +1,7 @@
 "Issue 6: the users' long configuration (seq_len=3000), reduced maps, aggregates and bounded memory."
 import json, subprocess, sys
 from pathlib import Path
-import numpy as np, pytest, torch
+import numpy as np, torch
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader

@@ -1,5 +1,5 @@
 "Issue 4: AttnRecorder and show_attention on a real tsai Learner trained on BasicMotions."
-import os, warnings
+import warnings
 import numpy as np, pytest, torch
 import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt

@@ -7,7 +7,7 @@ Docs: https://tsai-attnviz.github.io/tsai-attnviz/cli.html.md"""
 
 # %% ../nbs/04_cli.ipynb #c00a7815
 from __future__ import annotations
-import argparse, os, sys, time, warnings
+import argparse, sys, time, warnings
 from pathlib import Path
 import numpy as np
 
@@ -69,7 +69,7 @@ def write_figures(learn, out:Path, idxs:list, head:int=0, X=None, y=None, max_le
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from tsai_attnviz.recorder import AttnRecorder
-    import tsai_attnviz.learner  # Learner.show_attention
+    import tsai_attnviz.learner  # noqa: F401 (patches Learner.show_attention)
     out.mkdir(parents=True, exist_ok=True)
     dl = None if X is None else learn.dls.valid.new_dl(X, y=y)
     agg = 'class' if y is not None or X is None else 'mean'

@@ -7,7 +7,6 @@ Docs: https://tsai-attnviz.github.io/tsai-attnviz/layers.html.md"""
 # %% ../nbs/00_layers.ipynb #fec720be
 from __future__ import annotations
 from collections import deque
-import math
 import numpy as np
 import torch
 import torch.nn as nn

@@ -11,7 +11,7 @@ import torch
 import matplotlib.pyplot as plt
 from fastcore.basics import patch, listify
 from fastai.learner import Learner
-from .layers import check_input, attention_layers
+from .layers import check_input
 from .recorder import AttnRecorder, AttnRecording, _model_input
 from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, plot_attention_stats, _check_index, _finish
 

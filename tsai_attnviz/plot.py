@@ -8,7 +8,6 @@ Docs: https://tsai-attnviz.github.io/tsai-attnviz/plot.html.md"""
 from __future__ import annotations
 import numpy as np
 import torch
-import matplotlib
 import matplotlib.pyplot as plt
 import torch.nn.functional as F
 from .recorder import reduce_map, block_size
@@ -98,7 +97,7 @@ def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l]
             if not shared_scale: fig.colorbar(im, ax=ax, shrink=0.8)
     if shared_scale: fig.colorbar(im, ax=axs, shrink=0.8, label='attention')
     if suptitle: fig.suptitle(suptitle)
-    return _finish(fig.figure if hasattr(fig, 'figure') and fig.figure is not None else fig, path)
+    return _finish(fig.figure, path)  # a SubFigure's figure is the whole figure; a Figure's is itself
 
 # %% ../nbs/02_plot.ipynb #6e45de8e
 def plot_attention_over_series(x, # [c_in, L] the input as the model saw it
@@ -156,7 +155,7 @@ def plot_attention_stats(df, # `AttnRecording.stats_df()`: one row per record an
             ax.plot(d[x], d[st], marker='o', ms=3, color=cmap(i % cmap.N), label=f'Head {h}')
         ax.set_title(st.replace('_', ' ')); ax.set_xlabel(x)
     axs[-1].legend(fontsize='x-small', loc='center left', bbox_to_anchor=(1.02, 0.5))
-    return _finish(fig.figure if getattr(fig, 'figure', None) is not None else fig, path)
+    return _finish(fig.figure, path)
 
 # %% ../nbs/02_plot.ipynb #6765a166
 def plot_item_across_folds(recordings, # AttnRecordings (e.g. one per fold, loaded from files), or one holding several tags
