@@ -63,8 +63,7 @@ def worker(kind, seq_len, bs, n_batches):
     reset = _reset_peak()
     learn.get_preds(dl=dl, cbs=cbs + [T()])
     n_rec = len(cbs[0].recording) if cbs else 0
-    rec_bytes = sum(t.numel() * t.element_size() for r in cbs[0].recording.records
-                    for t in (r['weights'], r['key_attn'], r['entropy'])) if cbs else 0
+    rec_bytes = cbs[0].recording.nbytes if cbs else 0
     peak = _peak_rss(reset)
     print(json.dumps(dict(kind=kind, seq_len=seq_len, bs=bs, s_per_batch=statistics.median(times[1:] or times),
                           peak_rss=peak, records=n_rec, recorded_bytes=rec_bytes)))

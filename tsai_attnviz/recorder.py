@@ -63,6 +63,8 @@ def _to_dtype(dtype):
 
 def _np(t): return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()  # numpy has no bfloat16
 
+def _record_bytes(r): return sum(r[k].numel() * r[k].element_size() for k in ('weights', 'key_attn', 'entropy'))
+
 class AttnRecording:
     "Recorded attention maps with the inputs, targets, predictions and indices that go with them"
     def __init__(self, records:list=None, # one dict per (sample, layer): see `_REC_ARRAYS` and `_REC_SCALARS`
@@ -71,6 +73,8 @@ class AttnRecording:
         self.records,self.aggregates,self.meta = records or [],aggregates or {},meta or {}
 
     def __len__(self): return len(self.records)
+    @property
+    def nbytes(self): return sum(map(_record_bytes, self.records))  # what the maps and summaries take, in bytes
     def __repr__(self):
         w = f", maps {list(self.records[0]['weights'].shape)}" if self.records else ''
         return f"AttnRecording({len(self)} records{w}, tags {sorted(set(self.tags))}, aggregates {list(self.aggregates)})"
@@ -276,8 +280,7 @@ class AttnRecorder(Callback):
     def before_fit(self):
         if not self.accumulate: self.recording = AttnRecording()
         self._full,self._seen,self._error,self._used = False,set(),None,0
-        if self.accumulate: self._used = sum(r[k].numel() * r[k].element_size() for r in self.recording.records
-                                             for k in ('weights', 'key_attn', 'entropy'))
+        if self.accumulate: self._used = self.recording.nbytes
         # fastai's validation context holds the Learner's lock while before_fit runs, and an error raised there leaves
         # it locked: keep the error for the first event inside the pass.
         try: self._attach(self.learn.model)
@@ -454,7 +457,7 @@ class AttnRecorder(Callback):
 
     def _fits(self, r):
         "Whether record `r` fits the memory budget; warn once when it does not"
-        new = sum(r[k].numel() * r[k].element_size() for k in ('weights', 'key_attn', 'entropy'))
+        new = _record_bytes(r)
         if self._used + new <= self.max_mem * 2**20:
             self._used += new
             return True
