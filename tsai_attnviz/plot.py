@@ -48,7 +48,7 @@ def plot_attention_weights(attention_weights, # list (one per layer or forward) 
                            layer_idx:int=0, batch_idx:int=0, head_idx:int=0,
                            seq_len:int=None, # time steps the map covers, when it was reduced
                            ax=None, figsize=(6, 5), path=None, title=None)->plt.Figure:
-    "Heatmap of `attention_weights[layer_idx][batch_idx, head_idx]`: viridis, keys across, queries down, with a colorbar"
+    "Heatmap of `attention_weights[layer_idx][batch_idx, head_idx]` (viridis, colorbar); maps larger than the axes are block-averaged to their pixels"
     _check_index('layer_idx', layer_idx, len(attention_weights))
     w = attention_weights[layer_idx]
     _check_index('batch_idx', batch_idx, w.shape[0])
@@ -75,7 +75,7 @@ def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l]
                    panel_size:float=2.2, suptitle=None,
                    fig=None, # a Figure or SubFigure to draw into
                    path=None)->plt.Figure:
-    "Grid of heatmaps: rows are samples (or classes), columns are heads, with a colorbar"
+    "Grid of heatmaps, rows samples (or classes), columns heads; maps larger than a panel are block-averaged to its pixels"
     w = _t(weights)
     if w.ndim == 3: w = w[None]
     head_labels = list(range(w.shape[1])) if head_labels is None else list(head_labels)
