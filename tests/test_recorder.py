@@ -235,3 +235,12 @@ def test_show_attention_on_new_data_keeps_the_attached_recording(learn, bm_data)
     assert torch.equal(rec.recording.weights, before) and len(rec.recording) == 2
     assert rec in learn.cbs
     plt.close('all')
+
+def test_recorder_checks_the_data_it_is_fed(bm_data):
+    "A pass over data the model was not built for fails with what was expected, not deep inside the model"
+    X, y, splits = bm_data
+    learn = make_learner(X, y, splits)  # no batch tfms, which would fail on 5 variables before the model does
+    dl = learn.dls.valid.new_dl(X[splits[1]][:, :5])  # 5 variables where the model takes 6
+    with pytest.raises(ValueError, match=r'does not fit ConvTranPlus in this Learner: it was built for \[n_samples, n_vars=6, seq_len=100\]'):
+        learn.get_preds(dl=dl, cbs=[AttnRecorder()])
+    no_leftovers(learn.model)
