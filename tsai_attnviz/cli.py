@@ -64,7 +64,9 @@ def check_data(X:np.ndarray, c_in:int, seq_len:int)->np.ndarray:
     return X.astype('float32')
 
 # %% ../nbs/04_cli.ipynb #ca0d37d5
-def write_figures(learn, out:Path, idxs:list, head:int=0, X=None, y=None, max_len:int=256)->dict:
+def write_figures(learn, out:Path, idxs:list, head:int=0, X=None, y=None, max_len:int=256,
+                  max_classes:int=6, # per-class mean maps up to this many classes; past it, one mean over all
+                 )->dict:
     "Record `idxs` (of `X`, else the validation set) and write the head grid, the over-the-series views, the seed heatmap and the recording"
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -72,7 +74,8 @@ def write_figures(learn, out:Path, idxs:list, head:int=0, X=None, y=None, max_le
     import tsai_attnviz.learner  # noqa: F401 (patches Learner.show_attention)
     out.mkdir(parents=True, exist_ok=True)
     dl = None if X is None else learn.dls.valid.new_dl(X, y=y)
-    agg = 'class' if y is not None or X is None else 'mean'
+    n_classes = len(np.unique(y)) if y is not None else len(getattr(learn.dls, 'vocab', None) or []) if X is None else 0
+    agg = 'class' if 0 < n_classes <= max_classes else 'mean'  # a grid row and a map per class in the file: keep them few
     rec = AttnRecorder(idxs=idxs, max_len=max_len, aggregate=agg)
     learn.get_preds(dl=dl, cbs=[rec], reorder=False)
     learn.add_cb(rec)  # show_attention draws from the attached recorder's recording
@@ -104,7 +107,7 @@ def _demo(a):
     print(f"Trained {a.epochs} epochs in {time.time() - t:.0f} s: valid accuracy {acc:.3f}")
     yv = np.asarray(y)[splits[1]]
     idxs = [int(np.flatnonzero(yv == c)[0]) for c in np.unique(yv)][:a.max_classes]  # one valid item per class
-    _report(write_figures(learn, Path(a.out), idxs, head=a.head, max_len=a.max_len))
+    _report(write_figures(learn, Path(a.out), idxs, head=a.head, max_len=a.max_len, max_classes=a.max_classes))
     if a.export: learn.export(Path(a.out).resolve()/'learner.pkl'); print(f"  learner: {Path(a.out)/'learner.pkl'}")
 
 def _show(a):
@@ -146,7 +149,8 @@ def _parser():
     d.add_argument('--lr', type=float, default=1e-3)
     d.add_argument('--head', type=int, default=0, help='head of the single seed-style heatmap')
     d.add_argument('--max-len', type=int, default=256, help='reduce maps to at most this many cells a side')
-    d.add_argument('--max-classes', type=int, default=6, help='items shown: one per class, at most this many')
+    d.add_argument('--max-classes', type=int, default=6,
+                   help='items shown: one per class, at most this many; per-class mean maps up to this many classes')
     d.add_argument('--export', action='store_true', help='also write learner.pkl (learn.export) to --out')
     s = sub.add_parser('show', help="the same figures for your exported learner (learn.export()) and data")
     s.add_argument('learner', help='a .pkl written by learn.export(); it is unpickled, so load only files you trust')

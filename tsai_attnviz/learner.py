@@ -80,6 +80,7 @@ def show_attention(self:Learner,
                    sample=0, # position within the batch (or list)
                    view:str='heatmap', # 'heatmap' or 'series' (the input with the attention each step receives)
                    aggregate:str=None, # 'mean' or 'class': the mean maps recorded with AttnRecorder(aggregate=...)
+                   classes=None, # with aggregate='class': the classes to draw (numbers or vocab labels); None: all
                    dl=None, X=None, y=None, # data to record from when nothing is recorded yet
                    shared_scale:bool=True, # one colour scale for a grid
                    max_len:int=500, # when recording here: reduce maps to at most this many cells a side (screen size)
@@ -92,7 +93,7 @@ def show_attention(self:Learner,
     if aggregate is not None:
         if rec is None or not rec.aggregates:
             rec = self.record_attention(dl=dl, X=X, y=y, batches=None, samples=[], aggregate=aggregate, max_len=max_len)
-        return _show_aggregate(self, rec, aggregate, head, shared_scale, path)
+        return _show_aggregate(self, rec, aggregate, head, shared_scale, path, classes)
     if rec is None or not len(rec) or dl is not None or X is not None:
         sel = dict(idxs=listify(idx)) if idx is not None else dict(batches=listify(batch), samples=listify(sample))
         rec = self.record_attention(dl=dl, X=X, y=y, max_len=max_len, **sel)
@@ -117,12 +118,21 @@ def show_attention(self:Learner,
     return plot_head_grid(w, heads=None if head is None else [head], head_labels=heads, row_labels=rows, seq_len=L,
                           shared_scale=shared_scale, suptitle=f'Attention of {name}', path=path, **kwargs)
 
-def _show_aggregate(learn, rec, aggregate, head, shared_scale, path):
+def _class_number(learn, c):
+    "A class given as a number or as its vocab label"
+    vocab = list(getattr(learn.dls, 'vocab', None) or [])
+    return vocab.index(c) if not isinstance(c, (int, np.integer)) and c in vocab else c
+
+def _show_aggregate(learn, rec, aggregate, head, shared_scale, path, classes=None):
     "Mean maps over every recorded sample, one row per class when `aggregate='class'`"
     if aggregate not in ('mean', 'class'): raise ValueError(f"aggregate={aggregate!r}: use 'mean' or 'class'.")
     if aggregate == 'class':
         if 'class' not in rec.aggregates: raise ValueError("No per-class maps: record with AttnRecorder(aggregate='class').")
-        classes = sorted(rec.aggregates['class'])
+        have = sorted(rec.aggregates['class'])
+        classes = have if classes is None else [_class_number(learn, c) for c in listify(classes)]
+        bad = [c for c in classes if c not in have]
+        if bad: raise ValueError(f"classes {bad} have no mean map: recorded classes are {have} "
+                                 f"({', '.join(_label(learn, c) for c in have)}).")
         maps, labels = torch.stack([rec.mean_map(c) for c in classes]), [f"Class {_label(learn, c)} (n={rec.aggregates['class'][c][1]})" for c in classes]
     else: maps, labels = rec.mean_map()[None], [f"Mean (n={rec.aggregates['mean'][1]})"]
     heads = rec.heads
