@@ -15,9 +15,10 @@ from fastcore.basics import store_attr
 from tsai.models.ConvTranPlus import Attention, Attention_Rel_Scl, Attention_Rel_Vec, ConvTranPlus
 
 # %% auto #0
-__all__ = ['STAT_NAMES', 'Attention_With_Weights', 'Attention_Rel_Scl_With_Weights', 'Attention_Rel_Vec_With_Weights',
-           'attention_layers', 'swap_attention', 'unswap_attention', 'check_input', 'ConvTranPlusWithAttn',
-           'head_stats', 'attention_stats', 'attention_hook', 'AttnStatsHook']
+__all__ = ['STAT_NAMES', 'STAT_COMBINE', 'Attention_With_Weights', 'Attention_Rel_Scl_With_Weights',
+           'Attention_Rel_Vec_With_Weights', 'attention_layers', 'no_attention_error', 'swap_attention',
+           'unswap_attention', 'check_input', 'ConvTranPlusWithAttn', 'head_stats', 'attention_stats', 'attention_hook',
+           'AttnStatsHook']
 
 # %% ../nbs/00_layers.ipynb #44ad0c31
 _NOT_KEPT = ('attn_weights', 'attn_softmax', 'receiver')
@@ -123,17 +124,19 @@ def attention_layers(model:nn.Module)->list: # [(name, module)] of ConvTranPlus 
     kinds = tuple(_TWINS) + tuple(_STOCK)
     return [(n, m) for n, m in model.named_modules() if type(m) in kinds]
 
-def _no_attention_error(model):
+def no_attention_error(model, who:str)->ValueError:
+    "The error for a model without ConvTranPlus attention layers, naming the module types it does hold"
     types = sorted({type(m).__name__ for m in model.modules()})
-    return ValueError(f"{type(model).__name__} has no ConvTranPlus attention layer (Attention, Attention_Rel_Scl or "
-                      f"Attention_Rel_Vec); it contains: {', '.join(types)}. Use a model built with tsai's ConvTranPlus.")
+    return ValueError(f"{who} found no ConvTranPlus attention layer in {type(model).__name__}; it contains: "
+                      f"{', '.join(types)}. Use a model built with tsai's ConvTranPlus (its layers Attention, "
+                      f"Attention_Rel_Scl or Attention_Rel_Vec).")
 
 def swap_attention(model:nn.Module, # any module holding ConvTranPlus attention layers
                    keep_weights:bool=True, # newly swapped layers keep their last forward's weights
                   )->nn.Module: # `model`, changed in place
     "Give every ConvTranPlus attention layer in `model` its `*_With_Weights` class, in place (idempotent)"
     layers = attention_layers(model)
-    if not layers: raise _no_attention_error(model)
+    if not layers: raise no_attention_error(model, 'swap_attention')
     for _, m in layers:  # check all before changing any, so a bad model is left as it was
         if type(m) is Attention_Rel_Scl: _check_heads(m.key.in_features, m.n_heads)
     for _, m in layers:
@@ -213,7 +216,8 @@ def head_stats(w:torch.Tensor, # [H, Lq, Lk], the effective matrix of one sample
     return torch.stack([w.amin((-2, -1)), w.amax((-2, -1)), w.mean((-2, -1)), rs.amin(-1), rs.amax(-1),
                         entropy.mean(-1), md.mean(-1)], -1).float()
 
-_COMBINE = dict(min=min, max=max, mean=np.mean, rowsum_min=min, rowsum_max=max, entropy=np.mean, mean_distance=np.mean)
+STAT_COMBINE = dict(min='min', max='max', mean='mean', rowsum_min='min', rowsum_max='max', entropy='mean',
+                    mean_distance='mean')  # how per-sample statistics combine over samples (numpy / pandas names)
 
 def attention_stats(weights:torch.Tensor, # [bs, H, Lq, Lk], the effective matrix
                     softmax:torch.Tensor=None, # [bs, H, Lq, Lk], the softmax part (defaults to `weights`)
@@ -221,7 +225,7 @@ def attention_stats(weights:torch.Tensor, # [bs, H, Lq, Lk], the effective matri
     "`head_stats` over a batch, one sample at a time: min of minima, max of maxima, means of means"
     per = torch.stack([head_stats(w.detach(), None if softmax is None else softmax[i].detach())
                        for i, w in enumerate(weights)])                              # [bs, H, 7]
-    return [dict(head=h, **{k: float(_COMBINE[k](per[:, h, j].tolist())) for j, k in enumerate(STAT_NAMES)})
+    return [dict(head=h, **{k: float(getattr(np, STAT_COMBINE[k])(per[:, h, j].numpy())) for j, k in enumerate(STAT_NAMES)})
             for h in range(per.shape[1])]
 
 def attention_hook(module, input, output):

@@ -23,6 +23,10 @@ def _recorder(learn):
     "The `AttnRecorder` attached to `learn`, if any"
     return next((cb for cb in learn.cbs if isinstance(cb, AttnRecorder)), None)
 
+def _check_head(head, heads):
+    "An error naming the recorded heads when `head` (None: all) is not among them"
+    if head is not None and head not in heads: raise IndexError(f"head={head} is not recorded: heads are {heads} (0..{max(heads)}).")
+
 def _label(learn, c):
     "Class `c` as the dataset's vocab names it"
     if c is None or (isinstance(c, float) and np.isnan(c)): return '?'
@@ -100,7 +104,7 @@ def show_attention(self:Learner,
         if not len(rec): raise IndexError(f"Nothing recorded for {sel}: the data has fewer batches or items than that.")
     name, recs = _pick(rec, layer, idx, batch, sample)
     heads = rec.heads
-    if head is not None and head not in heads: raise IndexError(f"head={head} is not recorded: heads are {heads} (0..{max(heads)}).")
+    _check_head(head, heads)
     L = rec.seq_len
     rows = [f"Sample {r['sample']}, Batch {r['batch']}" + ('' if r['idx'] is None else f" (idx {r['idx']})")
             + ('' if r['target'] is None else f"\nTrue: {_label(self, r['target'])}") for r in recs]
@@ -136,7 +140,7 @@ def _show_aggregate(learn, rec, aggregate, head, shared_scale, path, classes=Non
         maps, labels = torch.stack([rec.mean_map(c) for c in classes]), [f"Class {_label(learn, c)} (n={rec.aggregates['class'][c][1]})" for c in classes]
     else: maps, labels = rec.mean_map()[None], [f"Mean (n={rec.aggregates['mean'][1]})"]
     heads = rec.heads
-    if head is not None and head not in heads: raise IndexError(f"head={head} is not recorded: heads are {heads}.")
+    _check_head(head, heads)
     return plot_head_grid(maps, heads=None if head is None else [head], head_labels=heads, row_labels=labels,
                           seq_len=rec.seq_len, shared_scale=shared_scale, suptitle=f'Mean attention ({aggregate})', path=path)
 
@@ -158,7 +162,7 @@ def show_attention_evolution(self:Learner,
     name, _ = _pick(rec, layer, [idx], None, None)
     recs = sorted((r for r in rec.records if r['idx'] == idx and r['layer'] == name), key=lambda r: r['epoch'])
     heads, epochs = rec.heads, [r['epoch'] for r in recs]
-    if head is not None and head not in heads: raise IndexError(f"head={head} is not recorded: heads are {heads}.")
+    _check_head(head, heads)
     w = torch.stack([r['weights'] for r in recs]).float()                                  # [E, H, l, l]
     lab = [f'Epoch {e}' + (' (before training)' if e == 0 else '') for e in epochs]
     n_rows, n_cols = (len(epochs), len(heads)) if head is None else (1, len(epochs))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fastcore.basics import store_attr, listify, patch
 from fastai.callback.core import Callback
 import pandas as pd
-from .layers import swap_attention, unswap_attention, attention_layers, check_input, head_stats, STAT_NAMES
+from .layers import swap_attention, unswap_attention, attention_layers, check_input, head_stats, STAT_NAMES, STAT_COMBINE, no_attention_error
 
 # %% auto #0
 __all__ = ['block_size', 'reduce_map', 'AttnRecording', 'AttnRecorder']
@@ -126,8 +126,7 @@ class AttnRecording:
         if per == 'record': return df
         if per != 'forward': raise ValueError(f"per={per!r}: use 'record' or 'forward'.")
         keys = ['tag', 'split', 'epoch', 'forward', 'batch', 'layer', 'head']
-        how = dict(min='min', max='max', mean='mean', rowsum_min='min', rowsum_max='max', entropy='mean', mean_distance='mean')
-        return df.groupby(keys, dropna=False, sort=False).agg(how).reset_index()
+        return df.groupby(keys, dropna=False, sort=False).agg(STAT_COMBINE).reset_index()
     @property
     def heads(self): return self.meta.get('heads')      # the model's head numbers kept, in order
     @property
@@ -391,9 +390,7 @@ class AttnRecorder(Callback):
         "Swap the selected layers in and give each a receiver"
         found = attention_layers(model)
         if not found:
-            types = sorted({type(m).__name__ for m in model.modules()})
-            raise ValueError(f"AttnRecorder found no ConvTranPlus attention layer in {type(model).__name__}; it contains: "
-                             f"{', '.join(types)}. Use it with a Learner whose model is tsai's ConvTranPlus.")
+            raise no_attention_error(model, 'AttnRecorder')
         byname = dict(found)
         if self.layers is None: sel = found
         else:
