@@ -2,7 +2,8 @@
 import os, subprocess, sys, shutil
 from pathlib import Path
 import numpy as np, pytest, torch
-from tsai_attnviz.recorder import AttnRecorder, AttnRecording
+from tsai_attnviz.recorder import AttnRecorder
+from tsai_attnviz.recording import AttnRecording
 
 EXE = shutil.which('tsai-attnviz') or str(Path(sys.executable).parent/'tsai-attnviz')
 

