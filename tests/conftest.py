@@ -31,8 +31,9 @@ def stock_effective_attention(model, x):
     model.eval()
     bb, got = model.backbone, {}
     h = bb.attention_layer.register_forward_hook(lambda m, i, o: got.setdefault('z', i[0]))
-    with torch.no_grad(): model(x)
-    h.remove()
+    try:
+        with torch.no_grad(): model(x.to(next(model.parameters()).device))  # the model's device, CPU or CUDA
+    finally: h.remove()
     a, z = bb.attention_layer, got['z']
     bs, L, _ = z.shape
     with torch.no_grad():
@@ -47,9 +48,11 @@ def stock_effective_attention(model, x):
         sm = torch.softmax(attn, -1)
         if hasattr(a, 'relative_bias_table'):
             i = torch.arange(L)
-            bias = a.relative_bias_table[i[:, None] - i[None, :] + L - 1].permute(2, 0, 1)  # [H, L, L]
-            return sm + bias
-        return sm
+            bias = a.relative_bias_table[(i[:, None] - i[None, :] + L - 1).to(z.device)].permute(2, 0, 1)  # [H, L, L]
+            return (sm + bias).cpu()
+        return sm.cpu()
+
+def device_of(model): return next(model.parameters()).device
 
 def no_leftovers(model):
     "The model's attention layers are stock tsai classes, with no receiver and no hook"

@@ -82,7 +82,7 @@ def test_show_attention_without_recording_leaves_nothing(learn):
     fig = learn.show_attention(head=1)
     assert list(learn.cbs) == cbs
     no_leftovers(learn.model)
-    assert fig.axes[0].get_title() == 'Layer 0, Head 1, Batch 0'
+    assert fig.axes[0].get_title().splitlines() == ['backbone.attention_layer, Head 1', 'Sample 0, Batch 0 (idx 0)', 'True: Standing · Pred: Standing']
     plt.close('all')
 
 def test_export_and_load_learner(learn, tmp_path):
@@ -112,8 +112,10 @@ def test_figures(learn, tmp_path):
     learn.get_preds()
     f = learn.show_attention(head=2, path=tmp_path/'single.png')
     ax, cbar = f.axes
-    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == ('Layer 0, Head 2, Batch 0', 'Key timestep', 'Query timestep')
+    assert (ax.get_title().splitlines()[:2], ax.get_xlabel(), ax.get_ylabel()) == (
+        ['backbone.attention_layer, Head 2', 'Sample 0, Batch 0 (idx 0)'], 'Key timestep', 'Query timestep')
     assert ax.images[0].get_cmap().name == 'viridis' and cbar.get_ylim()[1] > cbar.get_ylim()[0]
+    assert cbar.get_ylabel() == 'attention: softmax + relative bias (eRPE)'  # the colour bar says what the colour is
     f = learn.show_attention(path=tmp_path/'grid.png')
     assert len(f.axes) == 8 + 1 and [a.get_title() for a in f.axes[:8]] == [f'Head {h}' for h in range(8)]
     lims = {a.images[0].get_clim() for a in f.axes[:8]}
@@ -121,9 +123,10 @@ def test_figures(learn, tmp_path):
     f = learn.show_attention(batch=[0, 1], sample=[0, 1], path=tmp_path/'samples_heads.png')
     assert len(f.axes) == 4 * 8 + 1 and f.axes[3 * 8].get_ylabel().startswith('Sample 1, Batch 1')
     f = learn.show_attention(view='series', batch=1, sample=1, path=tmp_path/'series.png')
-    top, bottom = f.axes
+    top, bottom, cbar = f.axes
     assert top.get_title().startswith('True: ') and '· Pred: ' in top.get_title()
-    assert len(top.lines) == 6 and bottom.get_ylabel() == 'attention'
+    assert len(top.lines) == 6 and bottom.get_ylabel().startswith('attention received')
+    assert cbar.get_ylabel() == 'attention received (shading)'
     f = learn.show_attention(aggregate='class', path=tmp_path/'class.png')
     assert len(f.axes) == 4 * 8 + 1 and f.axes[0].get_ylabel().startswith('Class ')
     for n in ['single', 'grid', 'samples_heads', 'series', 'class']: assert _not_blank(tmp_path/f'{n}.png'), n
@@ -136,7 +139,7 @@ def test_plot_attention_weights_seed_meaning():
     plt.close('all')
 
 # -- bad input ------------------------------------------------------------------------------
-@pytest.mark.parametrize('kw,msg', [(dict(head=8), 'head=8 is not recorded: heads are [0, 1, 2, 3, 4, 5, 6, 7] (0..7)'),
+@pytest.mark.parametrize('kw,msg', [(dict(head=8), 'head=8 is not recorded: heads are [0, 1, 2, 3, 4, 5, 6, 7].'),
                                     (dict(layer=2), 'layer=2 is out of range'),
                                     (dict(sample=3), 'sample=3 is not recorded in batch 0: recorded samples are [0, 1]'),
                                     (dict(batch=7), 'batch=7 is not recorded: recorded batches are [0]'),
@@ -171,13 +174,13 @@ def test_missing_batches_warn(learn):
     no_leftovers(learn.model)
 
 def test_wrong_data_shape(learn):
-    with pytest.raises(ValueError, match=r'does not fit the model: it was built for \[n_samples, n_vars=6, seq_len=100\]'):
+    with pytest.raises(ValueError, match=r'X has seq_len 90 \(shape \[2, 6, 90\]\); the model expects 100: \[n_samples, 6, 100\]'):
         learn.show_attention(X=np.zeros((2, 6, 90), dtype='float32'))
     no_leftovers(learn.model)
     assert not any(isinstance(c, AttnRecorder) for c in learn.cbs)
 
 def test_memory_budget_warns_once_and_keeps(learn):
-    rec = AttnRecorder(batches=None, max_mem=1)
+    rec = AttnRecorder(batches=None, max_mem=1, max_len=None)  # full maps: past the budget, the recorder stops storing
     with warnings.catch_warnings(record=True) as ws:
         warnings.simplefilter('always')
         learn.get_preds(cbs=[rec])
@@ -231,7 +234,7 @@ def test_show_attention_on_new_data_keeps_the_attached_recording(learn, bm_data)
     learn.get_preds()
     before = rec.recording.weights.clone()
     f = learn.show_attention(X=X[splits[1][10:14]], sample=2, head=0)
-    assert f.axes[0].get_title() == 'Layer 0, Head 0, Batch 0'
+    assert f.axes[0].get_title().splitlines() == ['backbone.attention_layer, Head 0', 'Sample 2, Batch 0 (idx 2)', 'Pred: Running']
     assert torch.equal(rec.recording.weights, before) and len(rec.recording) == 2
     assert rec in learn.cbs
     plt.close('all')

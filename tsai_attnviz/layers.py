@@ -6,6 +6,7 @@ Docs: https://tsai-attnviz.github.io/tsai-attnviz/layers.html.md"""
 
 # %% ../nbs/00_layers.ipynb #fec720be
 from __future__ import annotations
+import warnings
 from collections import deque
 import numpy as np
 import torch
@@ -165,31 +166,48 @@ def check_input(x:torch.Tensor, # the batch about to be fed to the model
 
 # %% ../nbs/00_layers.ipynb #7de97f81
 class ConvTranPlusWithAttn(ConvTranPlus):
-    "`ConvTranPlus` whose attention weights are stored, per forward, as CPU copies in `attention_weights`"
+    "`ConvTranPlus` whose attention weights are stored, per eval forward, as CPU copies in `attention_weights`"
     def __init__(self, c_in:int, c_out:int,
                  seq_len:int=None, # required; optional in the signature only so that a missing one gets a clear error
-                 max_batches:int=16, # how many forwards to keep; the oldest are dropped first
-                 store:bool=True, # store each forward's weights; False turns storing off
+                 max_batches:int=16, # keep at most this many forwards; the oldest are dropped first
+                 max_mem:float=256, # and at most this many MB of them; the oldest are dropped first
+                 store='eval', # 'eval': forwards in eval mode (prediction, validation); 'all' (or True): training too; False: none
                  **kwargs): # passed to `ConvTranPlus`
         if seq_len is None:
             # tsai's build_ts_model passes seq_len only to the archs it knows by name (ConvTranPlus among them)
             raise ValueError("ConvTranPlusWithAttn needs seq_len. As a tsai arch, pass it in arch_config: "
                              "TSClassifier(X, y, arch=ConvTranPlusWithAttn, arch_config=dict(seq_len=X.shape[-1])), "
                              "or pass an instance: arch=ConvTranPlusWithAttn(c_in, c_out, seq_len).")
+        store = 'all' if store is True else store or None
+        if store not in ('eval', 'all', None): raise ValueError(f"store={store!r}: use 'eval', 'all' or False.")
+        if not max_mem > 0: raise ValueError(f"max_mem={max_mem!r}: use a positive number of MB.")
         if kwargs.get('rel_pos_encode', 'eRPE') == 'eRPE': _check_heads(kwargs.get('d_model', 16), kwargs.get('n_heads', 8))
         super().__init__(c_in, c_out, seq_len, **kwargs)
-        store_attr('c_in,seq_len,max_batches,store')
+        store_attr('c_in,seq_len,max_batches,max_mem,store')
         swap_attention(self)
-        self.attention_weights = deque(maxlen=max_batches)
+        self.attention_weights,self._warned = deque(maxlen=max_batches),False
 
     def forward(self, x): # [bs, c_in, seq_len]
         check_input(x, self.c_in, self.seq_len, f"{type(self).__name__}")
+        keep = self.store == 'all' or (self.store == 'eval' and not self.training)  # training forwards are many and large
+        layers = [m for _, m in attention_layers(self)]
+        for m in layers: m.keep_weights = keep
         out = super().forward(x)
-        for _, layer in attention_layers(self):
-            if self.store and layer.attn_weights is not None:
-                self.attention_weights.append(layer.attn_weights.cpu())  # [bs, n_heads, L, L]
-            layer.clear_weights()
+        for m in layers:
+            if keep and m.attn_weights is not None: self._keep(m.attn_weights.cpu())  # [bs, n_heads, L, L]
+            m.clear_weights()
         return out
+
+    def _keep(self, w):
+        "Store `w`, dropping the oldest forwards past `max_batches` or `max_mem`"
+        cap = self.max_mem * 2**20
+        if w.numel() * w.element_size() > cap:
+            if not self._warned: warnings.warn(f"ConvTranPlusWithAttn: one forward's attention is {w.numel() * w.element_size() / 2**20:.0f} MB, "
+                                               f"more than max_mem={self.max_mem} MB: not stored. Raise max_mem, or record selected "
+                                               "samples, reduced, with AttnRecorder.")
+            self._warned = True
+        else: self.attention_weights.append(w)
+        while sum(a.numel() * a.element_size() for a in self.attention_weights) > cap: self.attention_weights.popleft()
 
     def clear(self):
         "Forget the stored weights"

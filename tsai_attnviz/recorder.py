@@ -6,15 +6,16 @@ Docs: https://tsai-attnviz.github.io/tsai-attnviz/recorder.html.md"""
 
 # %% ../nbs/03_recorder.ipynb #9494c825
 from __future__ import annotations
-import random, warnings
+import math, random, warnings
 from contextlib import contextmanager
 import numpy as np
 import torch
-from fastcore.basics import store_attr, listify
-from fastai.callback.core import Callback
+from fastcore.basics import store_attr, listify, noop
+from fastai.callback.core import Callback, CancelFitException
 from .layers import swap_attention, unswap_attention, attention_layers, check_input, head_stats, no_attention_error
 from .reduce import block_size, _pool_keys, _entropy
 from .recording import AttnRecording, _to_dtype, _record_bytes
+from .data import target_info, nonfinite_message
 
 # %% auto #0
 __all__ = ['AttnRecorder']
@@ -48,10 +49,14 @@ def _rng_kept():
         if cuda is not None: torch.cuda.set_rng_state_all(cuda)
 
 # %% ../nbs/03_recorder.ipynb #4f450cac
+def _lr_finding(learn)->bool:
+    "Whether this fit is fastai's `lr_find` (its epochs are not the training the probe follows)"
+    return any(type(cb).__name__ == 'LRFinder' for cb in learn.cbs)
+
 class AttnRecorder(Callback):
     "Record selected attention maps of ConvTranPlus attention layers while a Learner validates or predicts"
     order,run_valid,run_train = 60,True,True  # after the model's output is gathered; train batches only with `train=True`
-    _stateattrs = ('recording', '_names', '_want', '_pending', '_batch_red', '_swapped', '_probe_batch', '_bias')
+    _stateattrs = ('recording', '_names', '_want', '_pending', '_batch_red', '_swapped', '_probe_batch', '_bias', '_prev')
 
     def __init__(self,
         batches=(0,), # batch numbers of each pass to record; None: every batch
@@ -60,8 +65,9 @@ class AttnRecorder(Callback):
         layers=None, # layer names or numbers (see `attention_layers`); None: all
         heads=None, # head numbers to keep; None: all
         dtype='float32', # 'float32', 'float16' or 'bfloat16'
-        max_len:int=None, # block-average maps to at most max_len × max_len; None: full maps
-        aggregate:str=None, # None, 'mean' or 'class': streaming mean maps over every sample of a pass
+        max_len='auto', # block-average maps to at most max_len × max_len; None: full maps; 'auto': full when they fit max_mem
+        aggregate:str=None, # None, 'mean', 'class' or 'bins': streaming mean maps over every sample of a pass
+        bins=4, # with aggregate='bins': a number of quantile bins of the training targets, or the bin edges
         max_mem:float=256, # MB of records to hold; past it, stop storing and warn once
         tag=None, # label kept with each record, e.g. 'fold 1'
         train:bool=False, # record training batches too (detached copies: the autograd graph is never held)
@@ -71,9 +77,13 @@ class AttnRecorder(Callback):
         probe=None, # validation-set indices run by `every_epoch` (default: [0])
         stats:bool=None, # per-record statistics at full resolution (see `head_stats`); default: on with every_epoch
     ):
-        if aggregate not in (None, 'mean', 'class'): raise ValueError(f"aggregate={aggregate!r}: use None, 'mean' or 'class'.")
-        if max_len is not None and max_len < 1: raise ValueError(f"max_len={max_len}: use a positive number of cells, or None.")
-        store_attr('samples,layers,max_len,aggregate,max_mem,tag,train,restore,accumulate,every_epoch')
+        if aggregate not in (None, 'mean', 'class', 'bins'):
+            raise ValueError(f"aggregate={aggregate!r}: use None, 'mean', 'class' (classifiers) or 'bins' (regression).")
+        if max_len not in (None, 'auto') and not (isinstance(max_len, (int, np.integer)) and max_len >= 1):
+            raise ValueError(f"max_len={max_len!r}: use a positive number of cells, None (full maps) or 'auto'.")
+        if not (isinstance(max_mem, (int, float)) and max_mem > 0):
+            raise ValueError(f"max_mem={max_mem!r}: use a positive number of MB (256 by default).")
+        store_attr('samples,layers,max_len,aggregate,bins,max_mem,tag,train,restore,accumulate,every_epoch')
         self.probe = _as_list(probe) if probe is not None else ([0] if every_epoch else None)
         self.stats = every_epoch if stats is None else stats
         self.batches,self.samples,self.idxs,self.heads = _as_list(batches),_as_list(samples),_as_list(idxs),_as_list(heads)
@@ -85,51 +95,113 @@ class AttnRecorder(Callback):
         super()._init_state()
         self.recording,self._swapped,self._names,self._want,self._pending,self._batch_red = AttnRecording(),[],{},[],[],[]
         self._cur,self._forward,self._in_fit,self._probe_batch = dict(batch=0, epoch=0, split='valid'),0,False,None
-        self._bias = {}  # per layer: this forward's bias, its block means and its key means
+        self._bias,self._prev,self._guarded,self._idle,self._len,self._said_auto = {},None,None,True,self.max_len,False
+        if self._len == 'auto': self._len = None
 
-    # -- the fit loop ------------------------------------------------------------------
+    # `remove_cb` (also at the end of `fit(cbs=...)` and `get_preds(cbs=...)`, whatever way they end) sets `learn` to None:
+    # a removed recorder leaves nothing on the model.
+    @property
+    def learn(self): return self.__dict__.get('_learn')
+    @learn.setter
+    def learn(self, v):
+        if v is None: self._end_pass()
+        self.__dict__['_learn'] = v
+
+    # -- the pass ----------------------------------------------------------------------
     def before_fit(self):
+        self._failed,self._stored,self._in_fit = False,False,False
+        is_fit = not self.learn.lock.locked()  # get_preds and validate hold the Learner's lock; fit does not
+        # lr_find's fits, and passes that are not fits for a probe recorder, leave the recording alone
+        self._idle = _lr_finding(self.learn) or (self.every_epoch and not is_fit)
+        if self._idle: return
+        self._prev = self.recording
         if not self.accumulate: self.recording = AttnRecording()
-        self._full,self._seen,self._error,self._used = False,set(),None,0
-        if self.accumulate: self._used = self.recording.nbytes
-        # fastai's validation context holds the Learner's lock while before_fit runs, and an error raised there leaves
-        # it locked: keep the error for the first event inside the pass.
-        try: self._attach(self.learn.model)
-        except ValueError as e: self._error = e
+        self._full,self._seen,self._used,self._max_bs = False,set(),self.recording.nbytes,0
+        self._info = target_info(self.learn)
+        self.recording.meta.update(self._info)
+        if is_fit: self._guard()
+        # Nothing is swapped yet: layers are swapped inside the pass (before_train, before_validate, the probe), where an
+        # error ends the pass cleanly. fastai's validation context holds the Learner's lock while before_fit runs, and an
+        # error raised there would leave it locked.
 
-    def _start(self):
-        if self._error is not None: raise self._error  # nothing was swapped: _attach checks before it changes anything
-        self._seen_batches = 0
-    def before_validate(self): self._start()
-    def before_train(self):
-        self._start()
-        if self.every_epoch and not self._in_fit: self._cleanly(self._run_probe, 0)  # before any training step
-        self._in_fit = True
+    def _guard(self):
+        "During fit, end the pass on any exception that leaves an epoch: fastai calls no after_fit then"
+        learn, inner = self.learn, self.learn._with_events
+        def _with_events(f, event_type, ex, final=noop):
+            try: return inner(f, event_type, ex, final)
+            except BaseException as e:  # KeyboardInterrupt too
+                if event_type == 'epoch': self._end_pass(error=not isinstance(e, CancelFitException))
+                raise
+        learn._with_events,self._guarded = _with_events,(learn, _with_events)
+
+    def _unguard(self):
+        if self._guarded is None: return
+        learn, f = self._guarded
+        if learn.__dict__.get('_with_events') is f: del learn.__dict__['_with_events']
+        self._guarded = None
+
+    def _end_pass(self, error:bool=False):
+        "Take receivers, swapped classes and the guard off; a pass that failed before storing anything keeps the previous recording"
+        self._detach()
+        self._unguard()
+        if error and not getattr(self, '_stored', True) and self._prev is not None: self.recording = self._prev
+        self._prev = None
 
     def _cleanly(self, f, *args):
-        "Call `f`; on an error, take receivers and swapped classes off first (fit calls no after_fit after an error)"
+        "Call `f`; on an error, end the pass first"
         try: return f(*args)
-        except Exception:
-            self._detach()
+        except BaseException:
+            self._failed = True
+            self._end_pass(error=True)
             raise
 
+    def _start(self, split):
+        "Swap the selected layers in for the batches of this part of the pass"
+        self._seen_batches = 0
+        self._cleanly(self._attach, self.learn.model, split)
+
+    def before_train(self):
+        if self._idle: return
+        self._in_fit = True
+        if self.every_epoch and self.epoch == 0: self._cleanly(self._run_probe, 0)  # before any training step
+        if self.train: self._start('train')
+
+    def before_validate(self):
+        if self._idle or self.every_epoch: return  # a probe recorder records the probe, not validation batches
+        self._start('valid')
+
     def after_epoch(self):
+        if self._idle: return
         if self.every_epoch and self._in_fit: self._cleanly(self._run_probe, self.epoch + 1)
+        self._detach()  # nothing stays swapped between epochs
+
+    def after_cancel_fit(self): self._end_pass()
+
+    def after_fit(self):
+        self._in_fit = False
+        if not self._idle: self._end_pass(error=self._failed)
 
     def before_batch(self):
-        self._pending,self._batch_red = [],[]
+        self._pending,self._batch_red,self._want = [],[],[]
+        if self._idle or not self._swapped: return
         self._cur = dict(batch=self.iter, epoch=getattr(self.learn, 'epoch', 0), split='train' if self.training else 'valid')
-        if (self.training and not self.train) or (self.every_epoch and not self.training): self._want = []; return
+        if self.training and not self.train: return
         self._seen_batches = max(self._seen_batches, self.iter + 1)
         xb = self.xb[0] if len(self.xb) else None
-        if self._shape is not None and xb is not None:
-            self._cleanly(check_input, xb, *self._shape, f"{type(self.learn.model).__name__} in this Learner")
+        if xb is None: return
+        if self._shape is not None: self._cleanly(check_input, xb, *self._shape, f"{type(self.learn.model).__name__} in this Learner")
         n = len(xb)
+        self._max_bs = max(self._max_bs, n)
         didx = _batch_idxs(self.dl, self.iter, n)
         if self.idxs is not None: want = [p for p in range(n) if didx[p] in self.idxs]
         elif self.batches is None or self.iter in self.batches:
             want = list(range(n)) if self.samples is None else [p for p in self.samples if p < n]
         else: want = []
+        if want and (msg := nonfinite_message(xb, f'batch {self.iter}')):
+            ok = torch.isfinite(xb).flatten(1).all(1).tolist()
+            skip = [p for p in want if not ok[p]]
+            want = [p for p in want if ok[p]]
+            warnings.warn(f"AttnRecorder: {msg}. Items {skip} of that batch are not recorded (nor in mean maps).")
         self._want = [] if self._full else [(p, didx[p]) for p in want]
         if self.idxs is not None: self._seen.update(d for _, d in self._want)
 
@@ -144,24 +216,26 @@ class AttnRecorder(Callback):
             p = r['sample']
             r['input'] = xb[p].detach().float().cpu()
             r['pred'] = None if pred is None else pred[p].float().cpu()
-            r['target'] = None if yb is None else yb[p].item() if yb[p].numel() == 1 else None
+            r['target'] = None if yb is None else yb[p].item() if yb[p].numel() == 1 else yb[p].float().cpu()
+            r.setdefault('block', self.recording.meta.get('block', 1))
         self.recording.records += self._pending
         if self._batch_red: self._aggregate(yb, pred)
+        self._stored = self._stored or bool(self._pending or self._batch_red)
         self._pending,self._batch_red = [],[]
 
     def after_validate(self):
-        if self.every_epoch: return  # validation batches are not what is recorded then
-        if self.idxs is not None: missing = sorted(set(self.idxs) - self._seen)
-        elif self.batches is not None: missing = [b for b in self.batches if b >= self._seen_batches]
-        else: missing = []
-        if missing:
-            what = 'idxs' if self.idxs is not None else 'batches'
-            there = f"{self._seen_batches} batches (0..{self._seen_batches - 1})" if what == 'batches' else "other items"
-            warnings.warn(f"AttnRecorder: {what}={missing} were not in this pass, which had {there}; nothing recorded for them.")
+        if self._idle or self.every_epoch: return  # validation batches are not what is recorded then
+        self._warn_missing()
 
-    def after_fit(self):
-        self._in_fit = False
-        self._detach()
+    def _warn_missing(self):
+        "Warn about selected batches, samples or items this pass did not have"
+        if self.idxs is not None: what, missing, there = 'idxs', sorted(set(self.idxs) - self._seen), "other items"
+        elif self.batches is not None and (missing := [b for b in self.batches if b >= self._seen_batches]):
+            what, there = 'batches', f"{self._seen_batches} batches (0..{self._seen_batches - 1})"
+        else:
+            what, missing = 'samples', [s for s in (self.samples or []) if s >= self._max_bs]
+            there = f"batches of at most {self._max_bs} items (0..{self._max_bs - 1})"
+        if missing: warnings.warn(f"AttnRecorder: {what}={missing} were not in this pass, which had {there}; nothing recorded for them.")
 
     # -- the probe ---------------------------------------------------------------------
     def _get_probe(self):
@@ -184,25 +258,27 @@ class AttnRecorder(Callback):
             x, y, idxs = self._probe_batch
             model = self.learn.model
             was = model.training
+            self._attach(model, 'probe')
             self._want,self._pending,self._batch_red = list(zip(range(len(idxs)), idxs)),[],[]
             self._cur = dict(batch=-1, epoch=epoch, split='probe')
             model.eval()
             try:
                 with torch.no_grad(): pred = model(x)
-            finally: model.train(was)
+            finally:
+                model.train(was)
+                self._detach()
             self._keep(x, y, pred)
             self._want = []
 
     def __del__(self):
-        try: self._detach()
+        try: self._end_pass()
         except Exception: pass
 
     # -- layers ------------------------------------------------------------------------
-    def _attach(self, model):
-        "Swap the selected layers in and give each a receiver"
+    def _attach(self, model, split='valid'):
+        "Check the selection, then swap the selected layers in and give each a receiver"
         found = attention_layers(model)
-        if not found:
-            raise no_attention_error(model, 'AttnRecorder')
+        if not found: raise no_attention_error(model, 'AttnRecorder')
         byname = dict(found)
         if self.layers is None: sel = found
         else:
@@ -213,15 +289,18 @@ class AttnRecorder(Callback):
         for _, m in sel:
             if self.heads is not None and any(not 0 <= h < m.n_heads for h in self.heads):
                 raise ValueError(f"heads={self.heads} but the model has {m.n_heads} heads (0..{m.n_heads - 1}).")
+        self._shape = _model_input(model)
+        if split != 'probe': self._check_aggregate(sel)
+        if self._swapped: return  # already swapped in this pass
         was = {id(m): type(m) for _, m in sel}
         for _, m in sel: swap_attention(m, keep_weights=False)  # only the selected; swapped here, they keep nothing
         self._swapped = [(n, m, type(m) is not was[id(m)]) for n, m in sel]
         for n, m in sel: m.receiver = self._receive
         self._names = {id(m): n for n, m in sel}
         self._agg_layer = id(sel[0][1])  # aggregates follow the first selected layer
-        self._shape = _model_input(model)
         self._want,self._pending,self._batch_red = [],[],[]
-        self.recording.meta.update(heads=self.heads or list(range(sel[0][1].n_heads)), max_len=self.max_len)
+        self.recording.meta.update(heads=self.heads or list(range(sel[0][1].n_heads)), max_len=self._len,
+                                   bias=any(hasattr(m, 'relative_bias_table') for _, m in sel))  # eRPE: maps are softmax + bias
 
     def _detach(self):
         "Take the receivers off; give the layers swapped here their stock classes back when `restore`"
@@ -233,13 +312,13 @@ class AttnRecorder(Callback):
     # -- receiving ---------------------------------------------------------------------
     def _receive(self, layer, softmax, bias, logits, start):
         "Copy what is selected: softmax and logits [n, H, L, L] of batch samples start.., bias [H, L, L] or None"
-        agg = self.aggregate is not None and (self.train or not self.training) and id(layer) == self._agg_layer
+        agg = self.aggregate is not None and not self.training and id(layer) == self._agg_layer  # valid passes only
         if id(layer) == self._agg_layer and start == 0: self._forward += 1
         if start == 0: self._bias[id(layer)] = None  # a new forward: its bias parts are made when first needed
         want = [(p, d) for p, d in self._want if start <= p < start + len(softmax)]
         if not want and not agg: return
         L = softmax.shape[-1]
-        k = block_size(L, self.max_len)
+        k = block_size(L, self._len)
         self.recording.meta.update(seq_len=L, block=k)
         hs = slice(None) if self.heads is None else self.heads
         with torch.no_grad():
@@ -277,14 +356,89 @@ class AttnRecorder(Callback):
         return False
 
     def _aggregate(self, yb, pred):
-        "Add this batch's reduced maps to the running sums"
+        "Add this batch's reduced maps to the running sums; maps that are not finite (NaN input) are left out"
         red = torch.cat(self._batch_red).double()                                            # [bs, H, l, l]
-        s, n = self.recording.aggregates.get('mean', (0., 0))
-        self.recording.aggregates['mean'] = (s + red.sum(0), n + len(red))
-        if self.aggregate != 'class': return
-        cls = yb if yb is not None and yb.ndim == 1 and not yb.is_floating_point() else pred.argmax(-1)
-        agg = self.recording.aggregates.setdefault('class', {})
-        for c in cls.unique().tolist():
-            m = cls == c
-            s, n = agg.get(c, (0., 0))
-            agg[c] = (s + red[m].sum(0), n + int(m.sum()))
+        ok = torch.isfinite(red).flatten(1).all(1)
+        red, ok = red[ok], ok.cpu()
+        yb = None if yb is None else yb.cpu()[ok]
+        pred = None if pred is None else pred.float().cpu()[ok]
+        aggs = self.recording.aggregates
+        s, n = aggs.get('mean', (0., 0))
+        aggs['mean'] = (s + red.sum(0).cpu(), n + len(red))
+        if self.aggregate in (None, 'mean') or not len(red): return
+        agg = aggs.setdefault(self.aggregate, {})
+        for key, m in self._groups(yb, pred).items():
+            if not m.any(): continue
+            s, n = agg.get(key, (0., 0))
+            agg[key] = (s + red[m.to(red.device)].sum(0).cpu(), n + int(m.sum()))
+
+    def _groups(self, yb, pred)->dict:
+        "{class or bin: mask of the batch's samples}, by target when the pass has targets, else by prediction"
+        self.recording.meta['agg_by'] = 'prediction' if yb is None else 'target'
+        if self.aggregate == 'bins':
+            v = (pred if yb is None else yb).reshape(len(pred if yb is None else yb), -1).double()
+            if v.shape[1] != 1: raise ValueError(f"aggregate='bins' needs one value per item; this model has {v.shape[1]}: use aggregate='mean'.")
+            edges = torch.tensor(self.recording.meta['bin_edges'], dtype=torch.float64)
+            b = (torch.searchsorted(edges, v[:, 0].contiguous(), right=True) - 1).clamp(0, len(edges) - 2)
+            return {int(c): b == c for c in b.unique()}
+        if self._info['task'] == 'multilabel':
+            hot = pred > 0 if yb is None else yb > 0.5                                      # [bs, n_classes]
+            return {c: hot[:, c] for c in range(hot.shape[1])}
+        cls = pred.argmax(-1) if yb is None or yb.numel() != len(yb) else yb.reshape(-1).long()
+        return {int(c): cls == c for c in cls.unique()}
+
+    def _check_aggregate(self, sel):
+        "Resolve max_len='auto' for this pass, and refuse aggregates that can't be made, before anything is stored"
+        L = None if self._shape is None else self._shape[1]
+        H = len(self.heads) if self.heads else sel[0][1].n_heads
+        if self.max_len != 'auto': self._len = self.max_len
+        elif not (self.accumulate and self._said_auto): self._len = self._auto_len(L, H, len(sel))  # accumulated maps keep one size
+        task = self._info['task']
+        if self.aggregate == 'class' and task == 'regression':
+            raise ValueError("aggregate='class' groups maps by class, but this Learner is a regression (its targets are values): "
+                             "use aggregate='bins' (mean maps per range of the target, 4 quantile bins by default) or aggregate='mean'.")
+        if self.aggregate == 'bins':
+            if task != 'regression': raise ValueError(f"aggregate='bins' groups a regression's maps by target range, but this "
+                                                      f"Learner is a {task}: use aggregate='class' or 'mean'.")
+            self.recording.meta['bin_edges'] = self._bin_edges()
+        if self.aggregate and L is not None:
+            k, have = block_size(L, self._len), self.recording.meta.get('agg_block')
+            if self.recording.aggregates and have is not None and have != k:
+                raise ValueError(f"AttnRecorder(accumulate=True): the mean maps recorded so far average blocks of {have} time "
+                                 f"steps; this pass would add blocks of {k} (max_len={self._len}). Keep max_len the same across "
+                                 "passes, or aggregate with a new recorder.")
+            self.recording.meta['agg_block'] = k
+
+    def _auto_len(self, L, H, n_layers):
+        "max_len='auto': None (full maps) when what this pass records fits max_mem, else the largest side that fits"
+        if L is None: return None
+        dl = self.learn.dl
+        if self.idxs is not None: n = len(self.idxs)
+        else:
+            per = len(self.samples) if self.samples is not None else (getattr(dl, 'bs', None) or 1)
+            n = per * (len(dl) if self.batches is None else len(self.batches))
+        n *= n_layers
+        groups = 0 if not self.aggregate else 1 + len(self._info.get('vocab') or []) + (self.bins if isinstance(self.bins, int) else 4)
+        item = torch.finfo(self.dtype).bits // 8
+        budget = self.max_mem * 2**20 - self._used - n * 2 * H * L * 4  # key attention and entropy stay at full resolution
+        per_cell = H * (n * item + groups * 8)                             # records, and the float64 sums of mean maps
+        if per_cell == 0 or budget >= per_cell * L * L: return None
+        side = max(int(math.sqrt(max(budget, 0) / per_cell)), 1)
+        if not self._said_auto:
+            warnings.warn(f"AttnRecorder(max_len='auto'): full maps are {H}×{L}×{L} cells a record ({H * L * L * item / 2**20:.0f} MB "
+                          f"in {str(self.dtype).replace('torch.', '')}); to fit {n} records in max_mem={self.max_mem} MB they are "
+                          f"block-averaged to at most {side}×{side}. Pass max_len=None with a larger max_mem (or fewer samples) "
+                          "for full maps, or max_len=N to choose.")
+            self._said_auto = True
+        return side
+
+    def _bin_edges(self)->list:
+        "Edges of the target bins: given, or quantiles of the training targets"
+        if not isinstance(self.bins, (int, np.integer)): return sorted(float(b) for b in self.bins)
+        try: y = np.asarray(self.learn.dls.train.dataset.tls[-1].items, dtype=float)
+        except (AttributeError, IndexError, TypeError, ValueError): y = np.empty(0)
+        if y.size == 0: raise ValueError(f"aggregate='bins' with bins={self.bins} takes quantiles of the training targets, which this "
+                                         "Learner does not hold (a load_learner'd Learner keeps no data): pass edges, e.g. bins=[0, 1.5, 3].")
+        if y.ndim > 1 and y.shape[1] > 1: raise ValueError("aggregate='bins' needs one target value per item; this model predicts "
+                                                           f"{y.shape[1]} (a forecast?): use aggregate='mean'.")
+        return np.quantile(y.ravel(), np.linspace(0, 1, self.bins + 1)).tolist()

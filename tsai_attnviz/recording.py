@@ -20,7 +20,7 @@ __all__ = ['AttnRecording']
 # %% ../nbs/02_recording.ipynb #ddc1c7a1
 _DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 _REC_ARRAYS = ('weights', 'key_attn', 'entropy', 'input', 'pred')
-_REC_SCALARS = ('target', 'idx', 'batch', 'sample', 'layer', 'tag', 'epoch', 'split', 'forward')
+_REC_SCALARS = ('target', 'idx', 'batch', 'sample', 'layer', 'tag', 'epoch', 'split', 'forward', 'block')
 
 def _to_dtype(dtype):
     if isinstance(dtype, str) and dtype in _DTYPES: return _DTYPES[dtype]
@@ -50,7 +50,8 @@ class AttnRecording:
         vals = [r[k] for r in self.records]
         if any(v is None for v in vals): return None
         shapes = {tuple(v.shape) for v in vals}
-        if len(shapes) > 1: raise ValueError(f"Records hold {k} of several shapes {sorted(shapes)}; `filter(layer=...)` first.")
+        if len(shapes) > 1: raise ValueError(f"Records hold {k} of several shapes {sorted(shapes)} (layers, or passes with another "
+                                             "max_len): `filter(layer=...)`, `filter(block=...)` or `filter(forward=...)` first.")
         return torch.stack(vals)
 
     @property
@@ -81,6 +82,8 @@ class AttnRecording:
     def splits(self): return [r['split'] for r in self.records]  # 'valid', 'train' or 'probe'
     @property
     def forwards(self): return [r['forward'] for r in self.records]  # the recorder's count of forwards seen
+    @property
+    def blocks(self): return [r.get('block', self.block) for r in self.records]  # each record's block side, in time steps
 
     def stats_df(self, per:str='record')->pd.DataFrame:
         "Statistics of each record per head (`per='record'`), or combined per recorded forward (`per='forward'`)"
@@ -104,48 +107,67 @@ class AttnRecording:
         "A recording with the records whose fields equal `kwargs`"
         return AttnRecording([r for r in self.records if all(r[k] == v for k, v in kwargs.items())], self.aggregates, self.meta)
 
+    @property
+    def groups(self)->str|None: return next((k for k in ('class', 'bins') if k in self.aggregates), None)  # how mean maps are grouped
+
     def mean_map(self, cls=None)->torch.Tensor: # [H, l, l]
-        "Mean map over every sample of the recorded passes, or over those of class `cls`"
+        "Mean map over every sample of the recorded passes, or over those of class (or target bin) number `cls`"
         if cls is None:
-            if 'mean' not in self.aggregates: raise ValueError("No mean map: record with AttnRecorder(aggregate='mean') or aggregate='class'.")
+            if 'mean' not in self.aggregates: raise ValueError("No mean map: record with AttnRecorder(aggregate='mean'), 'class' or 'bins'.")
             s, n = self.aggregates['mean']
         else:
-            classes = self.aggregates.get('class', {})
-            if cls not in classes: raise ValueError(f"No mean map for class {cls!r}: recorded classes are {sorted(classes)} "
-                                                    "(record with AttnRecorder(aggregate='class')).")
-            s, n = classes[cls]
+            groups = self.aggregates.get(self.groups, {})
+            if cls not in groups: raise ValueError(f"No mean map for {self.groups or 'class'} {cls!r}: recorded are {sorted(groups)} "
+                                                   "(record with AttnRecorder(aggregate='class') or 'bins').")
+            s, n = groups[cls]
         return (s / n).float()
 
     def to_numpy(self)->dict:
-        "The recording as numpy arrays (bfloat16 maps become float32)"
+        "The recording as numpy arrays (bfloat16 maps become float32; maps of several sizes stay a list)"
+        shapes = {tuple(r['weights'].shape) for r in self.records}
         d = {k: (None if v is None else _np(v)) for k, v in
-             dict(weights=self.weights, key_attn=self.key_attn, entropy=self.entropy, inputs=self.inputs, preds=self.preds,
-                  stats=self._stack('stats') if self.records and 'stats' in self.records[0] else None).items()}
-        d['targets'] = np.array([np.nan if t is None else t for t in self.targets], dtype=float)
-        for k in ('idxs', 'batches', 'samples', 'epochs', 'forwards'): d[k] = np.array([-1 if v is None else v for v in getattr(self, k)])
+             dict(weights=self.weights if len(shapes) < 2 else None, key_attn=self.key_attn, entropy=self.entropy,
+                  inputs=self.inputs, preds=self.preds, stats=self._stack('stats') if self.records and 'stats' in self.records[0] else None).items()}
+        if len(shapes) > 1: d['weights'] = [_np(r['weights']) for r in self.records]
+        d['targets'] = _targets_array(self.targets)
+        for k in ('idxs', 'batches', 'samples', 'epochs', 'forwards', 'blocks'): d[k] = np.array([-1 if v is None else v for v in getattr(self, k)])
         for k in ('layers', 'tags', 'splits'): d[k] = np.array(['' if v is None else str(v) for v in getattr(self, k)])
         return d
 
+def _targets_array(targets)->np.ndarray: # [n] or [n, *target shape], NaN where unknown
+    "Targets (class numbers, values, or vectors such as a forecast or a multi-hot label set) as one float array"
+    vals = [None if t is None else np.asarray(t.float() if torch.is_tensor(t) else t, dtype=float) for t in targets]
+    shape = next((v.shape for v in vals if v is not None), ())
+    return np.stack([np.full(shape, np.nan) if v is None else v.reshape(shape) for v in vals]) if vals else np.empty(0)
+
+def _target(a:np.ndarray): # one row of `_targets_array`
+    "A target as it was recorded: None, an int class number, a float, or a float tensor"
+    if a.ndim: return None if np.isnan(a).all() else torch.from_numpy(a).float()
+    return None if np.isnan(a) else int(a) if float(a).is_integer() else float(a)
+
 # %% ../nbs/02_recording.ipynb #943d93bf
-_FORMAT = 'tsai-attnviz-recording'
+_FORMAT, _VERSION = 'tsai-attnviz-recording', 2  # version 2: per-record map sizes and blocks, targets of any shape
 
 @patch
 def save(self:AttnRecording, path)->Path:
     "Write the recording to `path` (.npz)"
     path = Path(path)
     d = {k: v for k, v in self.to_numpy().items() if v is not None}
-    aggs = self.aggregates
-    if 'mean' in aggs: d['agg_mean_sum'], d['agg_mean_n'] = aggs['mean'][0].numpy(), np.array(aggs['mean'][1])
-    if 'class' in aggs:
-        keys = sorted(aggs['class'])
-        d['agg_class_keys'] = np.array(keys)
-        d['agg_class_sums'] = np.stack([aggs['class'][c][0].numpy() for c in keys])
-        d['agg_class_ns'] = np.array([aggs['class'][c][1] for c in keys])
-    meta = {**self.meta, 'format': _FORMAT, 'version': 1, 'n': len(self),
+    if isinstance(d.get('weights'), list):  # records of several max_len: one array each
+        for i, w in enumerate(d.pop('weights')): d[f'weights_{i}'] = w
+    for kind, aggs in self.aggregates.items():
+        if kind == 'mean': d['agg_mean_sum'], d['agg_mean_n'] = aggs[0].numpy(), np.array(aggs[1]); continue
+        keys = sorted(aggs)
+        d[f'agg_{kind}_keys'] = np.array(keys)
+        d[f'agg_{kind}_sums'] = np.stack([aggs[c][0].numpy() for c in keys])
+        d[f'agg_{kind}_ns'] = np.array([aggs[c][1] for c in keys])
+    meta = {**self.meta, 'format': _FORMAT, 'version': _VERSION, 'n': len(self),
             'dtype': str(self.records[0]['weights'].dtype).replace('torch.', '') if self.records else 'float32'}
     d['meta'] = np.array(json.dumps(meta))
     with open(path, 'wb') as f: np.savez_compressed(f, **d)
     return path
+
+def _unreadable(path, why): return ValueError(f"{path} is not a readable AttnRecording (.npz written by AttnRecording.save): {why}")
 
 @patch(cls_method=True)
 def load(cls:AttnRecording, path)->AttnRecording:
@@ -155,20 +177,35 @@ def load(cls:AttnRecording, path)->AttnRecording:
     try:
         with np.load(path, allow_pickle=False) as z: d = {k: z[k] for k in z.files}
         meta = json.loads(str(d.pop('meta')))
-        assert isinstance(meta, dict) and meta.get('format') == _FORMAT, 'no tsai-attnviz metadata'
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable AttnRecording (.npz written by AttnRecording.save): "
-                         f"{type(e).__name__}: {e}") from None
-    n, dtype = meta.pop('n'), _to_dtype(meta.pop('dtype', 'float32'))
+        if not (isinstance(meta, dict) and meta.get('format') == _FORMAT): raise ValueError('no tsai-attnviz metadata')
+    except Exception as e: raise _unreadable(path, f"{type(e).__name__}: {e}") from None
+    v = meta.get('version')
+    if v not in range(1, _VERSION + 1):
+        raise _unreadable(path, f"it is version {v}, and this tsai-attnviz reads versions 1 to {_VERSION}: upgrade tsai-attnviz.")
+    try: return cls(*_parse(d, meta))
+    except (KeyError, IndexError, ValueError, TypeError) as e:
+        what = f"{e} is missing" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise _unreadable(path, what) from None
+
+def _parse(d:dict, meta:dict):
+    "Records, aggregates and metadata from the arrays of a saved recording"
+    n, dtype = int(meta.pop('n')), _to_dtype(meta.pop('dtype', 'float32'))
     for k in ('format', 'version'): meta.pop(k, None)
+    need = ('idxs', 'batches', 'samples', 'epochs', 'layers', 'tags', 'splits', 'targets')
+    bad = {k: len(d[k]) for k in need + tuple(k for k in ('forwards', 'blocks', 'key_attn', 'entropy', 'inputs', 'preds', 'stats', 'weights')
+                                              if k in d) if len(d[k]) != n}
+    if bad: raise ValueError(f"{n} records, but arrays of other lengths: {bad}")
     t = lambda k, i, dt=None: None if k not in d else torch.from_numpy(np.array(d[k][i])).to(dt or torch.float32)
-    recs = [dict(weights=t('weights', i, dtype), key_attn=t('key_attn', i, dtype), entropy=t('entropy', i),
-                 input=t('inputs', i), pred=t('preds', i), stats=t('stats', i), split=str(d['splits'][i]), forward=int(d['forwards'][i]),
-                 target=None if np.isnan(d['targets'][i]) else int(d['targets'][i]) if float(d['targets'][i]).is_integer() else float(d['targets'][i]),
-                 idx=None if d['idxs'][i] < 0 else int(d['idxs'][i]), batch=int(d['batches'][i]), sample=int(d['samples'][i]),
-                 epoch=int(d['epochs'][i]), layer=str(d['layers'][i]), tag=str(d['tags'][i]) or None) for i in range(n)]
+    w = lambda i: t('weights', i, dtype) if 'weights' in d else torch.from_numpy(d[f'weights_{i}']).to(dtype)
+    recs = [dict(weights=w(i), key_attn=t('key_attn', i, dtype), entropy=t('entropy', i), input=t('inputs', i), pred=t('preds', i),
+                 stats=t('stats', i), split=str(d['splits'][i]), forward=int(d['forwards'][i]) if 'forwards' in d else 0,
+                 target=_target(d['targets'][i]), idx=None if d['idxs'][i] < 0 else int(d['idxs'][i]), batch=int(d['batches'][i]),
+                 sample=int(d['samples'][i]), epoch=int(d['epochs'][i]), layer=str(d['layers'][i]), tag=str(d['tags'][i]) or None,
+                 block=int(d['blocks'][i]) if 'blocks' in d else meta.get('block', 1)) for i in range(n)]
     aggs = {}
     if 'agg_mean_sum' in d: aggs['mean'] = (torch.from_numpy(d['agg_mean_sum']), int(d['agg_mean_n']))
-    if 'agg_class_keys' in d:
-        aggs['class'] = {k.item(): (torch.from_numpy(s), int(c)) for k, s, c in zip(d['agg_class_keys'], d['agg_class_sums'], d['agg_class_ns'])}
-    return cls(recs, aggs, meta)
+    for kind in ('class', 'bins'):
+        if f'agg_{kind}_keys' in d:
+            aggs[kind] = {k.item(): (torch.from_numpy(s), int(c)) for k, s, c in
+                          zip(d[f'agg_{kind}_keys'], d[f'agg_{kind}_sums'], d[f'agg_{kind}_ns'], strict=True)}
+    return recs, aggs, meta
