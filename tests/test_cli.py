@@ -34,6 +34,7 @@ def user_data(demo, tmp_path_factory, bm_data):
     X, y, splits = bm_data
     np.save(d/'X.npy', X[splits[1]][:6])
     np.savez(d/'X.npz', X=X[splits[1]][:6])
+    np.save(d/'y_bad.npy', np.array(['Walking'] * 5 + ['Swimming']))
     return d
 
 def test_show_on_an_exported_learner(demo, user_data, tmp_path):
@@ -67,11 +68,32 @@ def test_show_bad_data(demo, user_data):
         assert 'Traceback' not in p.stderr and p.stderr.strip().count('\n') == 0, (name, p.stderr)
 
 @pytest.mark.parametrize('args,msg', [(['--idxs', '9'], '--idxs [9] out of range: --data has 6 samples (0..5)'),
-                                      (['--head', '8'], '--head 8 out of range: the model has 8 heads (0..7)')])
+                                      (['--head', '8'], '--head 8 out of range: the model has 8 heads (0..7)'),
+                                      (['--max-len', '0'], '--max-len 0: use a positive whole number'),
+                                      (['--y', 'y_bad.npy'], "--y has labels ['Swimming'] that the model does not know: its classes are "
+                                                             "['Badminton', 'Running', 'Standing', 'Walking']")])
 def test_show_bad_options(demo, user_data, args, msg):
     out, _ = demo
-    p = run('show', out/'learner.pkl', '--data', user_data/'X.npy', *args)
-    assert p.returncode == 2 and msg in p.stderr and 'Traceback' not in p.stderr
+    p = run('show', out/'learner.pkl', '--data', user_data/'X.npy', *[user_data/a if a.endswith('.npy') else a for a in args])
+    assert p.returncode == 2 and msg in p.stderr and 'Traceback' not in p.stderr and p.stderr.strip().count('\n') == 0, p.stderr
+
+def test_show_with_labels_names_the_classes(demo, user_data, bm_data, tmp_path):
+    out, _ = demo
+    X, y, splits = bm_data
+    np.save(user_data/'y.npy', y[splits[1]][:6])
+    p = run('show', out/'learner.pkl', '--data', user_data/'X.npy', '--y', user_data/'y.npy', '--out', tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = AttnRecording.load(tmp_path/'recording.npz')
+    assert r.meta['vocab'] == ['Badminton', 'Running', 'Standing', 'Walking']  # kept by load_learner through the target transform
+    assert [r.meta['vocab'][t] for t in r.targets] == list(y[splits[1]][:4])
+
+@pytest.mark.parametrize('args,msg', [(['--head', '9'], '--head 9 out of range: the model has 8 heads (0..7)'),
+                                      (['--max-classes', '0'], '--max-classes 0: use a positive whole number'),
+                                      (['--max-len', '0'], '--max-len 0'), (['--epochs', '0'], '--epochs 0')])
+def test_demo_bad_options_before_training(args, msg, tmp_path):
+    p = run('demo', '--out', tmp_path, *args)
+    assert p.returncode == 2 and msg in p.stderr, p.stderr
+    assert 'Traceback' not in p.stderr and p.stderr.strip().count('\n') == 0 and 'Trained' not in p.stdout
 
 def test_show_bad_learner(user_data, tmp_path):
     (tmp_path/'l.pkl').write_bytes(b'garbage')
@@ -89,7 +111,7 @@ def test_recording_round_trip_and_damaged_file(bm_learner, tmp_path):
     r2 = AttnRecording.load(r.save(tmp_path/'r.npz'))
     for k in ['weights', 'key_attn', 'entropy', 'inputs', 'preds']: assert torch.equal(getattr(r2, k), getattr(r, k)), k
     assert r2.weights.dtype == torch.bfloat16
-    for k in ['targets', 'idxs', 'batches', 'samples', 'layers', 'tags', 'epochs', 'heads', 'block', 'seq_len']:
+    for k in ['targets', 'idxs', 'batches', 'samples', 'layers', 'tags', 'epochs', 'heads', 'block', 'seq_len', 'splits', 'forwards', 'blocks']:
         assert getattr(r2, k) == getattr(r, k), k
     for c in range(4): assert torch.equal(r2.mean_map(c), r.mean_map(c))
     raw = (tmp_path/'r.npz').read_bytes()

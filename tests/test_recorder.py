@@ -207,6 +207,8 @@ def test_plain_pytorch_model_with_two_layers(bm_data):
     rec = AttnRecorder(layers=['b.backbone.attention_layer'], samples=[0])
     learn.get_preds(cbs=[rec])
     assert rec.recording.layers == ['b.backbone.attention_layer'] and rec.recording.weights.shape == (1, 4, 100, 100)
+    # the vector layer's maps against the stock module's own computation (a forward hook, outside the package)
+    assert torch.equal(rec.recording.weights[0], stock_effective_attention(learn.model.b, rec.recording.inputs)[0])
     no_leftovers(learn.model)
     rec = AttnRecorder(samples=[0])
     learn.get_preds(cbs=[rec])

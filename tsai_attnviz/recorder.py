@@ -435,7 +435,7 @@ class AttnRecorder(Callback):
     def _bin_edges(self)->list:
         "Edges of the target bins: given, or quantiles of the training targets"
         if not isinstance(self.bins, (int, np.integer)): return sorted(float(b) for b in self.bins)
-        try: y = np.asarray(self.learn.dls.train.dataset.tls[-1].items, dtype=float)
+        try: y = np.asarray((t := self.learn.dls.train.dataset.tls[-1])[0:len(t)], dtype=float)  # the training split's targets
         except (AttributeError, IndexError, TypeError, ValueError): y = np.empty(0)
         if y.size == 0: raise ValueError(f"aggregate='bins' with bins={self.bins} takes quantiles of the training targets, which this "
                                          "Learner does not hold (a load_learner'd Learner keeps no data): pass edges, e.g. bins=[0, 1.5, 3].")
