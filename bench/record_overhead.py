@@ -1,6 +1,8 @@
 """Recording overhead at the users' configuration: time per batch and peak RSS, stock model vs swapped model + AttnRecorder.
 
-Run: python bench/record_overhead.py [--lens 500 3000] [--bs 16] [--repeats 3] [--batches 3]
+Run: python bench/record_overhead.py [--lens 500 3000] [--bs 16] [--repeats 3] [--batches 3] [--device cuda]
+
+On CUDA, time is taken after a device synchronisation and memory is the peak of torch.cuda.max_memory_allocated.
 
 Each configuration runs in its own process, several times; peak RSS is counted from just before prediction (Linux's
 VmHWM, reset through /proc/self/clear_refs), so it includes what is resident (libraries, data, model) but not the
@@ -37,7 +39,7 @@ def _peak_rss(reset):
             if line.startswith('VmHWM:'): return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
 
-def worker(kind, seq_len, bs, n_batches):
+def worker(kind, seq_len, bs, n_batches, device='cpu'):
     "One process: predict n_batches batches; print seconds per batch (after the first) and peak RSS"
     import warnings; warnings.filterwarnings('ignore')
     import torch
@@ -50,21 +52,24 @@ def worker(kind, seq_len, bs, n_batches):
     X, _ = data(seq_len, bs * n_batches)
     model = ConvTranPlus(3, 1, seq_len, d_model=16, n_heads=8, dim_ff=256, abs_pos_encode='tAPE', rel_pos_encode='eRPE')
     ds = [(torch.from_numpy(x), torch.zeros(1)) for x in X]
-    dl = DataLoader(ds, bs=bs, shuffle=False)
-    learn = Learner(DataLoaders(dl, dl), model, loss_func=torch.nn.MSELoss())
+    dl = DataLoader(ds, bs=bs, shuffle=False, device=device)
+    learn = Learner(DataLoaders(dl, dl, device=device), model.to(device), loss_func=torch.nn.MSELoss())
+    cuda = device.startswith('cuda')
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     cbs = {'stock': [], 'one': [AttnRecorder(batches=None, samples=[0], max_mem=4096)],
            'all256': [AttnRecorder(batches=None, max_len=256, max_mem=4096)]}[kind]
     times = []
     class Timer:
-        def before_batch(self): self.t = time.perf_counter()
-        def after_pred(self): times.append(time.perf_counter() - self.t)
+        def before_batch(self): sync(); self.t = time.perf_counter()
+        def after_pred(self): sync(); times.append(time.perf_counter() - self.t)
     from fastai.callback.core import Callback
     T = type('T', (Callback,), {'before_batch': Timer.before_batch, 'after_pred': Timer.after_pred, 'order': -100})
     reset = _reset_peak()
+    if cuda: torch.cuda.reset_peak_memory_stats()
     learn.get_preds(dl=dl, cbs=cbs + [T()])
     n_rec = len(cbs[0].recording) if cbs else 0
     rec_bytes = cbs[0].recording.nbytes if cbs else 0
-    peak = _peak_rss(reset)
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss(reset)
     print(json.dumps(dict(kind=kind, seq_len=seq_len, bs=bs, s_per_batch=statistics.median(times[1:] or times),
                           peak_rss=peak, records=n_rec, recorded_bytes=rec_bytes)))
 
@@ -81,8 +86,8 @@ def draw_time(seq_len=3000, repeats=3):
             ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
-def run(kind, seq_len, bs, n_batches):
-    p = subprocess.run([sys.executable, __file__, '--worker', kind, str(seq_len), str(bs), str(n_batches)],
+def run(kind, seq_len, bs, n_batches, device='cpu'):
+    p = subprocess.run([sys.executable, __file__, '--worker', kind, str(seq_len), str(bs), str(n_batches), device],
                        capture_output=True, text=True)
     if p.returncode: raise RuntimeError(p.stderr[-3000:])
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -93,18 +98,21 @@ def main():
     ap.add_argument('--bs', type=int, default=16)
     ap.add_argument('--repeats', type=int, default=3)
     ap.add_argument('--batches', type=int, default=3)
-    ap.add_argument('--worker', nargs=4)
+    ap.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    ap.add_argument('--worker', nargs='+')
     a = ap.parse_args()
-    if a.worker: return worker(a.worker[0], *map(int, a.worker[1:]))
+    if a.worker: return worker(a.worker[0], *map(int, a.worker[1:4]), *a.worker[4:])
     import torch
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    dev = torch.cuda.get_device_name() if a.device.startswith('cuda') else f"{os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    mem = 'peak CUDA memory' if a.device.startswith('cuda') else 'peak RSS'
+    print(f"machine: {platform.machine()}, {dev}, torch {torch.__version__}, memory: {mem}; "
           f"c_in=3, d_model=16, n_heads=8, dim_ff=256, tAPE, eRPE; batch size {a.bs}; {a.batches} batches a process "
           f"(time: median of batches after the first), {a.repeats} processes a configuration (medians)")
     print(f"drawing and saving an 8-head grid of 3000 x 3000 maps: {draw_time():.2f} s (target: under 2 s)")
     for L in a.lens:
         res = {}
         for r in range(a.repeats):
-            for kind in CONFIGS: res.setdefault(kind, []).append(run(kind, L, a.bs, a.batches))  # interleaved
+            for kind in CONFIGS: res.setdefault(kind, []).append(run(kind, L, a.bs, a.batches, a.device))  # interleaved
         med = {k: (statistics.median(x['s_per_batch'] for x in v), statistics.median(x['peak_rss'] for x in v),
                    v[0]['records'], v[0]['recorded_bytes']) for k, v in res.items()}
         print(f"\nseq_len={L}")

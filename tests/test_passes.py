@@ -65,7 +65,8 @@ def test_passes_that_are_not_fits_keep_the_probe_history(learn):
     learn.show_attention_evolution(idx=2)
     no_leftovers(learn.model)
 
-def test_lr_find_runs_no_probe(learn):
+def test_lr_find_runs_no_probe(learn, tmp_path):
+    learn.path = tmp_path  # lr_find saves the model there for a moment
     rec = AttnRecorder(every_epoch=True)
     learn.add_cb(rec)
     learn.fit(1, 1e-3)
@@ -121,3 +122,12 @@ def test_convtranplus_with_attn_as_arch_stores_eval_forwards_only(bm_data):
     learn.model.max_mem = 2  # past it, the oldest forwards go first
     learn.get_preds()
     assert sum(w.numel() * 4 for w in learn.model.attention_weights) <= 2 * 2**20
+
+def test_show_attention_draws_what_idxs_recorded(learn):
+    rec = AttnRecorder(idxs=[17])
+    learn.add_cb(rec)
+    try:
+        learn.get_preds()
+        t = learn.show_attention(head=1).axes[0].get_title().splitlines()  # no batch=0/sample=0 needed
+        assert t[1].endswith('(idx 17)') and t[2].startswith('True: ')
+    finally: learn.remove_cb(rec)

@@ -18,7 +18,7 @@ def learn(bm_learner):
 
 def valid_inputs(learn):
     "Every validation item after the batch transforms, in order, gathered without the package"
-    return torch.cat([xb for xb, _ in learn.dls.valid.new(shuffle=False, drop_last=False)])
+    return torch.cat([xb for xb, _ in learn.dls.valid.new(shuffle=False, drop_last=False)]).cpu()  # recordings live on the CPU
 
 def test_records_selected_batches_and_samples_bitwise(learn):
     base, _ = learn.get_preds()

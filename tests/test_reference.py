@@ -107,3 +107,10 @@ def test_training_records_are_the_items_they_name(bm_data):
     assert len(tr) == 6  # 2 full training batches (drop_last), 3 samples each
     for r in tr.records: assert torch.equal(r['input'], torch.tensor(X[splits[0][r['idx']]]))
     no_leftovers(learn.model)
+
+def test_probe_recorder_with_train_records_no_validation_batches(bm_data):
+    learn = make_learner(*bm_data)
+    rec = AttnRecorder(every_epoch=True, train=True, batches=[0], samples=[0], aggregate='mean', max_len=10)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[rec])
+    assert sorted(set(rec.recording.splits)) == ['probe', 'train']
+    assert 'mean' not in rec.recording.aggregates  # means are over validation passes: a probe fit has none

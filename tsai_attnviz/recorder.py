@@ -58,7 +58,7 @@ def _lr_finding(learn)->bool:
 class AttnRecorder(Callback):
     "Record selected attention maps of ConvTranPlus attention layers while a Learner validates or predicts"
     order,run_valid,run_train = 60,True,True  # after the model's output is gathered; train batches only with `train=True`
-    _stateattrs = ('recording', '_names', '_want', '_pending', '_batch_red', '_swapped', '_probe_batch', '_bias', '_prev')
+    _stateattrs = ('recording', '_names', '_want', '_pending', '_batch_red', '_swapped', '_probe_batch', '_bias', '_prev', '_guarded')
 
     def __init__(self,
         batches=(0,), # batch numbers of each pass to record; None: every batch
@@ -187,7 +187,7 @@ class AttnRecorder(Callback):
         self._pending,self._batch_red,self._want = [],[],[]
         if self._idle or not self._swapped: return
         self._cur = dict(batch=self.iter, epoch=getattr(self.learn, 'epoch', 0), split='train' if self.training else 'valid')
-        if self.training and not self.train: return
+        if (self.training and not self.train) or (self.every_epoch and not self.training): return  # probe recorders: the probe only
         self._seen_batches = max(self._seen_batches, self.iter + 1)
         xb = self.xb[0] if len(self.xb) else None
         if xb is None: return
@@ -314,7 +314,7 @@ class AttnRecorder(Callback):
     # -- receiving ---------------------------------------------------------------------
     def _receive(self, layer, softmax, bias, logits, start):
         "Copy what is selected: softmax and logits [n, H, L, L] of batch samples start.., bias [H, L, L] or None"
-        agg = self.aggregate is not None and not self.training and id(layer) == self._agg_layer  # valid passes only
+        agg = self.aggregate is not None and self._cur['split'] == 'valid' and id(layer) == self._agg_layer  # not training, not the probe
         if id(layer) == self._agg_layer and start == 0: self._forward += 1
         if start == 0: self._bias[id(layer)] = None  # a new forward: its bias parts are made when first needed
         want = [(p, d) for p, d in self._want if start <= p < start + len(softmax)]

@@ -181,7 +181,9 @@ def load(cls:AttnRecording, path)->AttnRecording:
         with np.load(path, allow_pickle=False) as z: d = {k: z[k] for k in z.files}
         meta = json.loads(str(d.pop('meta')))
         if not (isinstance(meta, dict) and meta.get('format') == _FORMAT): raise ValueError('no tsai-attnviz metadata')
-    except Exception as e: raise _unreadable(path, f"{type(e).__name__}: {e}") from None
+    except Exception as e:
+        why = "it holds Python objects, which are never unpickled" if 'pickle' in str(e) else f"{type(e).__name__}: {e}"
+        raise _unreadable(path, why) from None
     v = meta.get('version')
     if v not in range(1, _VERSION + 1):
         raise _unreadable(path, f"it is version {v}, and this tsai-attnviz reads versions 1 to {_VERSION}: upgrade tsai-attnviz.")
