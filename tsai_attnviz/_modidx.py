@@ -156,6 +156,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                          'tsai_attnviz/recorder.py'),
                                        'tsai_attnviz.recorder.AttnRecorder.after_pred': ( 'recorder.html#attnrecorder.after_pred',
                                                                                           'tsai_attnviz/recorder.py'),
+                                       'tsai_attnviz.recorder.AttnRecorder.after_train': ( 'recorder.html#attnrecorder.after_train',
+                                                                                           'tsai_attnviz/recorder.py'),
                                        'tsai_attnviz.recorder.AttnRecorder.after_validate': ( 'recorder.html#attnrecorder.after_validate',
                                                                                               'tsai_attnviz/recorder.py'),
                                        'tsai_attnviz.recorder.AttnRecorder.before_batch': ( 'recorder.html#attnrecorder.before_batch',

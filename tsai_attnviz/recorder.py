@@ -168,6 +168,8 @@ class AttnRecorder(Callback):
         if self.every_epoch and self.epoch == 0: self._cleanly(self._run_probe, 0)  # before any training step
         if self.train: self._start('train')
 
+    def after_train(self): self._detach()  # each part of an epoch swaps in what it records
+
     def before_validate(self):
         if self._idle or self.every_epoch: return  # a probe recorder records the probe, not validation batches
         self._start('valid')
