@@ -66,7 +66,11 @@ def decode_array(e:dict)->torch.Tensor:
 # %% ../nbs/08_report.ipynb #90c7bb85
 _PARTS = {'effective': 'effective (the matrix that multiplies the values)', 'softmax': 'softmax part', 'bias': 'relative bias (eRPE)'}
 _MAX_MB = 64    # map data past this makes a page that browsers struggle with
-_THUMB, _MAP = 112, 440  # pixels a side of the head grid's maps and of the enlarged map
+_THUMB = 112    # pixels a side of the head grid's maps
+
+def _map_px(n): # pixels a side of the enlarged map for n cells a side
+    "440, or one pixel per cell up to 720 so that the pointer can reach every cell"
+    return 440 if n <= 440 else min(n, 720)
 
 def _name(classes, c):
     "Class number `c` as `classes` (a list such as `dls.vocab`, a dict, or None) names it"
@@ -130,11 +134,12 @@ def _notes(rec, per, present, derived, N, dt, rounded)->list:
     "What a reader must know to read the page right: blocks, pooling, the values' precision, and the bias"
     L, k, out = rec.seq_len, rec.block, []
     if k > 1: out.append(('', f"Each cell is the mean over a {k}×{k} block of time steps (cell i covers steps i·{k} to "
-                              f"min((i+1)·{k}, {L}) − 1). Tooltips name the first time step of the cell's blocks; the line "
-                              "under the series gives the ranges."))
-    if N > _THUMB: out.append(('', f"Maps with more cells than their canvas has pixels are drawn with the cell of largest magnitude "
-                                   "under each pixel (max-pooling keeps one-cell peaks visible; a mean would dilute them). "
-                                   "Tooltips read the cell under the pointer."))
+                              f"min((i+1)·{k}, {L}) − 1). Tooltips name the first time step of the query's and of the key's "
+                              "block; the line under the series gives the ranges."))
+    if N > _THUMB: out.append(('', f"Maps with more cells than their canvas has pixels (the head grid's {_THUMB} px"
+                                   + (f", the enlarged map's {_map_px(N)} px" if N > _map_px(N) else '') + ") are drawn with the "
+                                   "cell of largest magnitude under each pixel: max-pooling keeps one-cell peaks visible, where a "
+                                   "mean would dilute them. Tooltips read the recorded cell under the pointer."))
     out.append(('', f"Tooltip values are the {'recorded' if not rounded else 'rounded'} {dt} values, exactly (the shortest decimal "
                     f"that reads back to the same {dt})" + (", rounded from the recording for this page." if rounded else ".")))
     area = lambda w: _widths(w.shape[-1], L, k)[:, None] * _widths(w.shape[-1], L, k)  # [l, l] time steps each cell covers
@@ -218,7 +223,7 @@ def _payload(rec:AttnRecording, titles=None, parts=None, classes=None, dtype=Non
                 seq_len=L, block=k, cells=N, heads=list(heads), layers=layers, parts=present,
                 part_names={**_PARTS, **({'softmax': 'softmax part (effective − bias, computed in the page)'} if derived else {})},
                 notes=_notes(rec, per, present, derived, N, dtype or rec_dt, dtype is not None) + [('', t) for t in (notes or [])],
-                thumb_px=_THUMB, map_px=_MAP, grid_cols=4, cmap=_cmap(), var_names=var_names, items=items, shared=shared)
+                thumb_px=_THUMB, map_px=_map_px(N), grid_cols=4, cmap=_cmap(), var_names=var_names, items=items, shared=shared)
 
 # %% ../nbs/08_report.ipynb #e0cc4119
 class AttnReport:
