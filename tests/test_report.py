@@ -159,6 +159,11 @@ def test_click_head_3_enlarges_it(browser, bm):
     c = int(np.floor((w[3, q, k].item() - lo) * (255 / (hi - lo)) + 0.5))   # as the page rounds (Math.round)
     want = np.round(np.array(matplotlib.colormaps['viridis'](c)[:3]) * 255)
     assert np.abs(after.reshape(440, 440, 4)[y, x, :3].astype(int) - want).max() <= 4
+    pg.page.select_option('#scale', 'head')                                    # head 3's own range
+    lo, hi = w[3].min().item(), w[3].max().item()
+    c = int(np.floor((w[3, q, k].item() - lo) * (255 / (hi - lo)) + 0.5))
+    want = np.round(np.array(matplotlib.colormaps['viridis'](c)[:3]) * 255)
+    assert np.abs(pg.pixels().reshape(440, 440, 4)[y, x, :3].astype(int) - want).max() <= 4
     pg.close()
 
 def test_series_highlight_follows_the_query(browser, bm):
