@@ -295,7 +295,7 @@ def _bias_parts(model, rec:AttnRecording)->tuple:
             red[name] = None
             if m is not None and hasattr(m, 'relative_bias_table') and m.seq_len == rec.seq_len:
                 with torch.no_grad(): b = Attention_Rel_Scl_With_Weights.relative_bias(m).detach().float().cpu()  # [H_all, L, L]
-                red[name] = _pool_keys(b[rec.heads], rec.block, keys=False)[0]                                     # [H, l, l]
+                red[name] = _pool_keys(b[rec.heads or slice(None)], rec.block, keys=False)[0]                      # [H, l, l]
         biases.append(red[name])
     if all(b is None for b in biases): return {}, notes
     # The model's bias now must be the bias of the recorded maps: then effective - bias is a softmax and its rows sum to 1
