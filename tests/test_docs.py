@@ -16,5 +16,5 @@ def test_readme_matches_index_notebook():
     assert not [c for c in nb['cells'] if c['cell_type'] == 'code' and c.get('outputs')]
 
 def test_readme_figures_exist():
-    for f in ['docs/demo_grid.png', 'docs/demo_series.png']:
+    for f in ['docs/demo_grid.png', 'docs/demo_series.png', 'docs/report.png']:
         assert (ROOT/f).stat().st_size < 300_000, f
