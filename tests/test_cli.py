@@ -21,7 +21,7 @@ def test_demo_writes_the_files(demo):
     out, p = demo
     assert p.returncode == 0, p.stderr[-2000:]
     assert 'valid accuracy' in p.stdout
-    for f in ['attention_grid.png', 'attention_head0.png', 'attention_class.png', 'recording.npz', 'learner.pkl']:
+    for f in ['attention_grid.png', 'attention_head0.png', 'attention_class.png', 'recording.npz', 'learner.pkl', 'attention_report.html']:
         assert (out/f).stat().st_size > 1000, f
         assert str(out/f) in p.stdout, f  # says where each file went
     assert len(list(out.glob('attention_series_idx*.png'))) == 4  # one item per class

@@ -81,6 +81,7 @@ def check_labels(y:np.ndarray, # --y
 # %% ../nbs/07_cli.ipynb #ca0d37d5
 def write_figures(learn, out:Path, idxs:list, head:int=0, X=None, y=None, max_len:int=256,
                   max_classes:int=6, # per-class mean maps up to this many classes; past it, one mean over all
+                  html:bool=True, # also write the interactive report, attention_report.html
                  )->dict:
     "Record `idxs` (of `X`, else the validation set) and write the head grid, the over-the-series views, the seed heatmap and the recording"
     import matplotlib; matplotlib.use('Agg')
@@ -106,6 +107,9 @@ def write_figures(learn, out:Path, idxs:list, head:int=0, X=None, y=None, max_le
         for i in idxs:
             files[f'series {i}'] = out/f'attention_series_idx{i}.png'
             learn.show_attention(view='series', idx=i, path=files[f'series {i}'])
+        if html:
+            import tsai_attnviz.report  # noqa: F401 (patches Learner.attention_report)
+            files['report'] = learn.attention_report(out/'attention_report.html', idx=idxs).path
         files['recording'] = rec.recording.save(out/'recording.npz')
     finally: learn.remove_cb(rec)
     plt.close('all')
@@ -127,7 +131,7 @@ def _demo(a):
     print(f"Trained {a.epochs} epochs in {time.time() - t:.0f} s: valid accuracy {acc:.3f}")
     yv = np.asarray(y)[splits[1]]
     idxs = [int(np.flatnonzero(yv == c)[0]) for c in np.unique(yv)][:a.max_classes]  # one valid item per class
-    _report(write_figures(learn, Path(a.out), idxs, head=a.head, max_len=a.max_len, max_classes=a.max_classes))
+    _report(write_figures(learn, Path(a.out), idxs, head=a.head, max_len=a.max_len, max_classes=a.max_classes, html=a.html))
     if a.export: learn.export(Path(a.out).resolve()/'learner.pkl'); print(f"  learner: {Path(a.out)/'learner.pkl'}")
 
 def _show(a):
@@ -150,7 +154,7 @@ def _show(a):
     if bad: raise CLIError(f"--idxs {bad} out of range: --data has {len(X)} samples (0..{len(X) - 1})")
     _check_head(a.head, learn.model)
     print(f"{p.name}: ConvTranPlus for [n, {shape[0]}, {shape[1]}]; data {list(X.shape)}", flush=True)
-    _report(write_figures(learn, Path(a.out), idxs, head=a.head, X=X, y=y, max_len=a.max_len))
+    _report(write_figures(learn, Path(a.out), idxs, head=a.head, X=X, y=y, max_len=a.max_len, html=a.html))
 
 def _check_head(head, model):
     "A `CLIError` unless `head` is one of the model's heads"
@@ -181,6 +185,9 @@ def _parser():
                    help='items shown: one per class, at most this many; per-class mean maps up to this many classes')
     d.add_argument('--export', action='store_true', help='also write learner.pkl (learn.export) to --out')
     s = sub.add_parser('show', help="the same figures for your exported learner (learn.export()) and data")
+    for q in (d, s):
+        q.add_argument('--html', action=argparse.BooleanOptionalAction, default=True,
+                       help='write the interactive report attention_report.html (one offline file); --no-html: skip it')
     s.add_argument('learner', help='a .pkl written by learn.export(); it is unpickled, so load only files you trust')
     s.add_argument('--data', required=True, help='X as .npy or .npz: [n_samples, n_vars, seq_len]')
     s.add_argument('--y', help='labels as .npy (optional)')
