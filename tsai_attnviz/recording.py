@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from .layers import STAT_NAMES, STAT_COMBINE
 
 # %% auto #0
-__all__ = ['AttnRecording']
+__all__ = ['to_host', 'host_ready', 'AttnRecording']
 
 # %% ../nbs/02_recording.ipynb #ddc1c7a1
 _DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -31,6 +31,16 @@ def _to_dtype(dtype):
     raise ValueError(f"dtype={dtype!r} is not allowed: use one of {list(_DTYPES)} (or the torch dtypes).")
 
 def _np(t): return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()  # numpy has no bfloat16
+
+def to_host(t:torch.Tensor)->torch.Tensor:
+    "`t` on the CPU: from a GPU into pinned memory without waiting (synchronise before reading it: `host_ready`)"
+    if not t.is_cuda: return t.cpu()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # pageable copies of 288 MB took 242 ms on an H200, pinned 36 ms
+    return out.copy_(t, non_blocking=True)
+
+def host_ready(device=None):
+    "Wait for the copies `to_host` started on `device`'s current stream (nothing to wait for on the CPU)"
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == 'cuda'): torch.cuda.current_stream(device).synchronize()
 
 def _record_bytes(r): return sum(r[k].numel() * r[k].element_size() for k in ('weights', 'key_attn', 'entropy'))
 
