@@ -91,11 +91,15 @@ class MapReducer:
             if self.stats: a.update(min=w.new_full((H,), math.inf), max=w.new_full((H,), -math.inf),
                                     sum=m.new_zeros(H, dtype=torch.float64), rowsum=w.new_empty(H, L), dist=m.new_empty(H, L))
         rows = slice(q0, q0 + c)
-        a['key'] += m.sum(-2)
-        if k > 1:
-            mk = m if n * k == L else F.pad(m, (0, n * k - L))                                # [H, c, n·k]
-            cols = mk.reshape(H, c, n, k).sum(-1)                                              # [H, c, n]: sums over key blocks
-            a['blocks'].index_add_(1, torch.arange(q0, q0 + c, device=m.device) // k, cols.double())
+        # sums as products with ones (one pass, vectorised, about 4x faster here than sum over a middle or a short last
+        # dim), in float32 or float64 whatever autocast would choose
+        with torch.autocast(m.device.type, enabled=False):
+            mf = m if m.dtype in (torch.float32, torch.float64) else m.float()
+            a['key'] += torch.matmul(mf.new_ones(1, c), mf)[:, 0]                              # [H, L]: sums over queries
+            if k > 1:
+                mk = mf if n * k == L else F.pad(mf, (0, n * k - L))                           # [H, c, n·k]
+                cols = (mk.reshape(-1, k) @ mf.new_ones(k)).reshape(H, c, n)                  # [H, c, n]: sums over key blocks
+                a['blocks'].index_add_(1, torch.arange(q0, q0 + c, device=m.device) // k, cols.double())
         if self.full: a['full'][:, rows] = w
         if ent is not None: a['ent'][:, rows] = ent
         if self.stats:
