@@ -1,7 +1,8 @@
 """Fused attention at the users' configuration: prediction and training step, time and peak memory, against stock.
 
 Run: python bench/fast_attention.py [--lens 500 3000] [--bs 4] [--modes predict train] [--repeats 3] [--batches 3]
-                                    [--device cpu|cuda] [--only stock fast ...] [--tolerance]
+                                    [--device cpu|cuda] [--only stock fast ...]
+     python bench/fast_attention.py --tolerance [--lens 500] [--bs 4] [--variants eRPE vector None] [--dtypes ...]
 
 Configurations: the stock model; the exact swapped layers (`swap_attention(model, keep_weights=False)`); the fused
 layers (`fast_attention(model)`); fused layers with an `AttnRecorder` keeping one full sample a batch; fused layers with
@@ -127,11 +128,14 @@ def main():
     ap.add_argument('--batches', type=int, default=3)
     ap.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     ap.add_argument('--tolerance', action='store_true')
+    ap.add_argument('--variants', nargs='+', default=['eRPE', 'vector', 'None'], choices=['eRPE', 'vector', 'None'],
+                    help="with --tolerance: rel_pos_encode of the models compared ('None': plain attention)")
+    ap.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16', 'float16'], choices=['float32', 'bfloat16', 'float16'])
     ap.add_argument('--worker', nargs='+')
     a = ap.parse_args()
     if a.worker:
         w = a.worker
-        if w[0] == 'tolerance': return tolerance(w[1], w[2], int(w[3]), int(w[4]), w[5])
+        if w[0] == 'tolerance': return tolerance(None if w[1] == 'None' else w[1], w[2], int(w[3]), int(w[4]), w[5])
         return worker(w[0], w[1], int(w[2]), int(w[3]), int(w[4]), w[5])
     import torch
     if a.device == 'cuda' and not torch.cuda.is_available(): sys.exit("--device cuda: no CUDA device here.")
@@ -142,9 +146,9 @@ def main():
               "per param: each parameter's own scale, conv biases that batch norm cancels left out")
         print(f"  {'variant':8s} {'dtype':9s} {'L':>5s} {'bs':>3s} {'model':6s} {'eval out':>9s} {'train out':>9s} {'grad':>9s} {'per param':>9s}")
         for L in a.lens:
-            for rel in ['eRPE', 'vector', 'None']:
-                for dtype in ['float32', 'bfloat16', 'float16']:
-                    r = run('tolerance', rel if rel != 'None' else '', dtype, L, a.bs, a.device)
+            for rel in a.variants:
+                for dtype in a.dtypes:
+                    r = run('tolerance', rel, dtype, L, a.bs, a.device)
                     for who in ['fast', 'stock'] if dtype != 'float32' else ['fast']:
                         print(f"  {rel:8s} {dtype:9s} {L:5d} {a.bs:3d} {who:6s} {r[f'{who}_eval_out']:9.1e} {r[f'{who}_train_out']:9.1e} "
                               f"{r[f'{who}_train_grad']:9.1e} {r[f'{who}_train_grad_per_param']:9.1e}", flush=True)

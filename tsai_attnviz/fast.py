@@ -84,6 +84,18 @@ class _Fused:
         heads = lambda t: t.reshape(bs, L, self.n_heads, -1).transpose(1, 2)
         return heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
 
+    def _qkv_padded(self, x):
+        "q, k, v [bs, H, L, size] by one product with the three projections, each head padded with zero channels to `_head_size`"
+        bs, L, d = x.shape
+        H, dh = self.n_heads, self.key.out_features // self.n_heads
+        size = _head_size(dh, x.device)
+        lins = (self.query, self.key, self.value)
+        w = torch.cat([l.weight.reshape(H, dh, d) for l in lins])                             # [3H, d_head, d_model]
+        w = F.pad(w, (0, 0, 0, size - dh)).reshape(3 * H * size, d)                            # zero rows: zero channels
+        b = None if all(l.bias is None for l in lins) else torch.cat(
+            [F.pad((l.bias if l.bias is not None else w.new_zeros(H * dh)).reshape(H, dh), (0, size - dh)) for l in lins]).flatten()
+        return F.linear(x, w, b).reshape(bs, L, 3, H, size).permute(2, 0, 3, 1, 4).unbind(0)  # 3 × [bs, H, L, size]
+
     def _rows(self, n:int, L:int)->int:
         "Query rows per chunk of scores for n samples"
         return self.chunk or max(1, CHUNK // (n * self.n_heads * L))
@@ -123,17 +135,18 @@ class _Fused:
 class Attention_Fast(_Fused, Attention):
     "tsai's `Attention` by a fused kernel: no [L, L] map"
     def forward(self, x): # [bs, seq_len, d_model]
-        q, k, v = self._qkv(x)
-        if self.receiver is not None: self._record(q, k)
-        return self._out(softmax_mix(q, k, v, self.scale))
+        if self.receiver is not None: self._record(*self._qkv(x)[:2])  # maps from q and k exactly as the exact layer's
+        q, k, v = self._qkv_padded(x)                                     # [bs, H, L, size]
+        return self._out(softmax_mix(q, k, v, self.scale)[..., :self.key.out_features // self.n_heads])
 
 class Attention_Rel_Scl_Fast(_Fused, Attention_Rel_Scl):
     "tsai's eRPE `Attention_Rel_Scl` by a fused kernel and an FFT: neither the [L, L] map nor the [H, L, L] bias is built"
     def forward(self, x): # [bs, seq_len, d_model]
-        q, k, v = self._qkv(x)
-        if self.receiver is not None: self._record(q, k)
+        if self.receiver is not None: self._record(*self._qkv(x)[:2])
+        q, k, v = self._qkv_padded(x)                                     # [bs, H, L, size]
+        dh = self.key.out_features // self.n_heads
         # (softmax(q·kᵀ·scale) + bias)·v = softmax(q·kᵀ·scale)·v + bias·v
-        return self._out(softmax_mix(q, k, v, self.scale) + relative_bias_mix(self.relative_bias_table, v))
+        return self._out(softmax_mix(q, k, v, self.scale)[..., :dh] + relative_bias_mix(self.relative_bias_table, v[..., :dh]))
 
     def _bias_rows(self, q0, q1): # [H, q1-q0, L]
         "Rows q0..q1-1 of eRPE's bias, `bias[h, i, j] = relative_bias_table[i - j + L - 1, h]`"
