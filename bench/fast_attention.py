@@ -157,13 +157,14 @@ def main():
           f"processes a configuration (medians); peak {'GPU memory allocated' if a.device == 'cuda' else 'RSS'}")
     for L in a.lens:
         for mode in a.modes:
-            res = {}
+            res, load = {}, os.getloadavg()[0]  # other processes on the machine slow both, unevenly: say how busy it was
             for _ in range(a.repeats):
                 for kind in a.only: res.setdefault(kind, []).append(run(kind, mode, L, a.bs, a.batches, a.device))  # interleaved
             med = {k: (statistics.median(x['s_per_batch'] for x in v), statistics.median(x['peak'] for x in v),
                        v[0]['records'], v[0]['recorded_bytes']) for k, v in res.items()}
             base = med.get('stock')
-            print(f"\nseq_len={L}, {'prediction' if mode == 'predict' else 'training step'}")
+            print(f"\nseq_len={L}, {'prediction' if mode == 'predict' else 'training step'} "
+                  f"(load average {load:.1f} before, {os.getloadavg()[0]:.1f} after)")
             print(f"  {'configuration':46s} {'s/batch':>8s} {'time ratio':>10s} {'peak':>10s} {'mem ratio':>9s} {'kept':>17s}")
             for k, (t, m, n, b) in med.items():
                 tr, mr = (f"{t / base[0]:10.3f}", f"{m / base[1]:9.3f}") if base else (f"{'-':>10s}", f"{'-':>9s}")

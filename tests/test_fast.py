@@ -126,10 +126,10 @@ def pig_learner(model, L, n=6, bs=3):
 
 @pytest.mark.parametrize('rel', RELS)
 def test_fast_recordings_at_moderate_length(rel):
-    "seq_len=600 with the default chunks (436 and 164 rows): every field and the class means equal the exact layers'"
+    "seq_len=600 with the default chunks (218, 218 and 164 rows): every field and the class means equal the exact layers'"
     L = 600
     stock, fast = stock_and_fast(rel, c_in=3, L=L)
-    assert fast.backbone.attention_layer._rows(1, L) == 436
+    assert fast.backbone.attention_layer._rows(1, L) == 218
     kw = dict(batches=None, samples=[1], max_len=60, aggregate='class', stats=True)
     _compare(_record(pig_learner(stock, L), stock, **kw), _record(pig_learner(fast, L), fast, **kw), bitwise=False)
     full = [_record(pig_learner(m, L), m, samples=[2], max_mem=64) for m in (stock, fast)]
@@ -168,8 +168,9 @@ def test_no_batch_of_maps_and_memory_flat_in_batch_size(rel):
     for train in (False, True):
         for rec in ({}, dict(max_len=60, aggregate='mean')):
             sizes = [largest_map(fast, L, bs, train, **rec) for bs in (2, 8)]
-            # at most a chunk of CHUNK elements, whatever the batch (the vector layer's chunks: whole rows, so about CHUNK)
-            assert max(sizes) <= 1.01 * min(sizes) and max(sizes) < H * L * L, (rec, sizes)
+            # at most a chunk of about CHUNK elements, whatever the batch (the vector layer's chunks are whole rows of the
+            # batch, plus one row of q·Erᵀ: within a few percent of CHUNK)
+            assert max(sizes) <= 1.05 * min(sizes) and max(sizes) < H * L * L, (rec, sizes)
 
 # -- swapping, export, training ---------------------------------------------------------------------------------------
 def test_idempotent_and_swaps_leave_fused_layers_fused(bm_data):
