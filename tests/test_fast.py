@@ -126,10 +126,10 @@ def pig_learner(model, L, n=6, bs=3):
 
 @pytest.mark.parametrize('rel', RELS)
 def test_fast_recordings_at_moderate_length(rel):
-    "seq_len=600 with the default chunks (218, 218 and 164 rows): every field and the class means equal the exact layers'"
+    "seq_len=600 with the default chunks (436 and 164 rows): every field and the class means equal the exact layers'"
     L = 600
     stock, fast = stock_and_fast(rel, c_in=3, L=L)
-    assert fast.backbone.attention_layer._rows(1, L) == 218
+    assert fast.backbone.attention_layer._rows(1, L) == 436
     kw = dict(batches=None, samples=[1], max_len=60, aggregate='class', stats=True)
     _compare(_record(pig_learner(stock, L), stock, **kw), _record(pig_learner(fast, L), fast, **kw), bitwise=False)
     full = [_record(pig_learner(m, L), m, samples=[2], max_mem=64) for m in (stock, fast)]

@@ -65,7 +65,7 @@ def relative_bias_mix(table:torch.Tensor, # [2L-1, H], eRPE's `relative_bias_tab
     return y.transpose(-1, -2)
 
 # %% ../nbs/08_fast.ipynb #fa570009
-CHUNK = 2**20  # most elements of a chunk of scores [n, H, rows, L] the fused layers build at once (4 MB in float32: cache-sized)
+CHUNK = 2**21  # most elements of a chunk of scores [n, H, rows, L] the fused layers build at once (8 MB in float32)
 
 def _wanted(receiver, layer, bs:int)->list:
     "The samples of a batch of `bs` whose maps `receiver` wants: its `wanted(layer, bs)`, or that of the object it is a method of; else all"
