@@ -14,7 +14,8 @@ from .reduce import *
 from .recording import *
 from .recorder import *
 from .plot import *
+from .fast import *
 from .learner import *  # patches Learner.show_attention and Learner.record_attention
 from .report import *  # patches AttnRecording.to_html and Learner.attention_report
-from . import layers as _l, reduce as _red, recording as _rg, recorder as _r, plot as _p, report as _rep
-__all__ = _l.__all__ + _red.__all__ + _rg.__all__ + _r.__all__ + _p.__all__ + _rep.__all__  # nbdev writes an empty __all__ for a module of imports only
+from . import layers as _l, reduce as _red, recording as _rg, recorder as _r, plot as _p, fast as _f, report as _rep
+__all__ = _l.__all__ + _red.__all__ + _rg.__all__ + _r.__all__ + _p.__all__ + _f.__all__ + _rep.__all__  # nbdev writes an empty __all__ for a module of imports only

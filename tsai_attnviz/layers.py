@@ -124,10 +124,11 @@ class Attention_Rel_Vec_With_Weights(_ExposesWeights, Attention_Rel_Vec):
 _TWINS = {Attention: Attention_With_Weights, Attention_Rel_Scl: Attention_Rel_Scl_With_Weights,
           Attention_Rel_Vec: Attention_Rel_Vec_With_Weights}
 _STOCK = {v:k for k,v in _TWINS.items()}
+_FAST = {}  # stock class -> its fused twin, which builds no L × L map: filled by `tsai_attnviz.fast` (and family modules)
 
-def attention_layers(model:nn.Module)->list: # [(name, module)] of ConvTranPlus attention layers, stock or swapped
+def attention_layers(model:nn.Module)->list: # [(name, module)] of ConvTranPlus attention layers: stock, swapped or fused
     "The ConvTranPlus attention layers anywhere in `model`, found by type"
-    kinds = tuple(_TWINS) + tuple(_STOCK)
+    kinds = tuple(_TWINS) + tuple(_STOCK) + tuple(_FAST.values())
     return [(n, m) for n, m in model.named_modules() if type(m) in kinds]
 
 def no_attention_error(model, who:str)->ValueError:
@@ -140,7 +141,7 @@ def no_attention_error(model, who:str)->ValueError:
 def swap_attention(model:nn.Module, # any module holding ConvTranPlus attention layers
                    keep_weights:bool=True, # newly swapped layers keep their last forward's weights
                   )->nn.Module: # `model`, changed in place
-    "Give every ConvTranPlus attention layer in `model` its `*_With_Weights` class, in place (idempotent)"
+    "Give every stock ConvTranPlus attention layer in `model` its `*_With_Weights` class, in place (idempotent); fused layers stay fused"
     layers = attention_layers(model)
     if not layers: raise no_attention_error(model, 'swap_attention')
     for _, m in layers:  # check all before changing any, so a bad model is left as it was

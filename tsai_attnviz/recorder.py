@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from fastcore.basics import store_attr, listify, noop
 from fastai.callback.core import Callback, CancelFitException
-from .layers import swap_attention, unswap_attention, attention_layers, check_input, head_stats, no_attention_error
-from .reduce import block_size, _pool_keys, _entropy
-from .recording import AttnRecording, _to_dtype, _record_bytes
+from .layers import swap_attention, unswap_attention, attention_layers, check_input, no_attention_error
+from .reduce import block_size, MapReducer
+from .recording import AttnRecording, _to_dtype, _record_bytes, to_host, host_ready
 from .data import target_info, nonfinite_message
 
 # %% auto #0
@@ -98,6 +98,7 @@ class AttnRecorder(Callback):
         self.recording,self._swapped,self._names,self._want,self._pending,self._batch_red = AttnRecording(),[],{},[],[],[]
         self._cur,self._forward,self._in_fit,self._probe_batch = dict(batch=0, epoch=0, split='valid'),0,False,None
         self._bias,self._prev,self._guarded,self._idle,self._len,self._said_auto = {},None,None,True,self.max_len,False
+        self._on_gpu = None  # the device whose copies to the host `_keep` waits for
         if self._len == 'auto': self._len = None
 
     # `remove_cb` (also at the end of `fit(cbs=...)` and `get_preds(cbs=...)`, whatever way they end) sets `learn` to None:
@@ -214,6 +215,7 @@ class AttnRecorder(Callback):
     def _keep(self, xb, yb, pred):
         "Add this forward's inputs, targets and predictions to its pending records, and store them"
         if not self._pending and not self._batch_red: return
+        if self._on_gpu is not None: host_ready(self._on_gpu); self._on_gpu = None  # the records' copies are done
         pred = pred.detach() if torch.is_tensor(pred) else None
         yb = yb.detach() if yb is not None else None
         for r in self._pending:
@@ -314,38 +316,62 @@ class AttnRecorder(Callback):
         self._swapped,self._want = [],[]
 
     # -- receiving ---------------------------------------------------------------------
-    def _receive(self, layer, softmax, bias, logits, start):
-        "Copy what is selected: softmax and logits [n, H, L, L] of batch samples start.., bias [H, L, L] or None"
-        agg = self.aggregate is not None and self._cur['split'] == 'valid' and id(layer) == self._agg_layer  # not training, not the probe
-        if id(layer) == self._agg_layer and start == 0: self._forward += 1
-        if start == 0: self._bias[id(layer)] = None  # a new forward: its bias parts are made when first needed
-        want = [(p, d) for p, d in self._want if start <= p < start + len(softmax)]
-        if not want and not agg: return
-        L = softmax.shape[-1]
+    def wanted(self, layer, bs:int)->list: # batch positions whose maps `layer` computes in this forward
+        "Asked by fused layers as each forward begins: the samples to record, or all of them when `layer` feeds the aggregates"
+        self._new_forward(layer)
+        if self._aggregating(layer): return list(range(bs))
+        return sorted({p for p, _ in self._want if p < bs})
+
+    def _new_forward(self, layer):
+        "A forward of `layer` begins: count it, and forget the last forward's bias and unfinished maps"
+        if id(layer) == self._agg_layer: self._forward += 1
+        self._bias[id(layer)] = dict(bias=None, open={})  # this forward's bias reducer; samples whose rows are coming
+
+    def _aggregating(self, layer)->bool:
+        return self.aggregate is not None and self._cur['split'] == 'valid' and id(layer) == self._agg_layer  # not training, not the probe
+
+    def _receive(self, layer, softmax, bias, logits, start, q0=None):
+        "Reduce what is selected of rows q0.. (all rows without q0) of samples start..: softmax, logits [n, H, c, L]; bias [H, c, L] or None"
+        if q0 is None and start == 0: self._new_forward(layer)  # exact layers ask no `wanted`: their first call starts a forward
+        agg = self._aggregating(layer)
+        want = {p: d for p, d in self._want if start <= p < start + len(softmax)}
+        fwd = self._bias.setdefault(id(layer), dict(bias=None, open={}))
+        if not (want or agg or fwd['open']): return
+        L, q0 = softmax.shape[-1], q0 or 0
         k = block_size(L, self._len)
         self.recording.meta.update(seq_len=L, block=k)
         hs = slice(None) if self.heads is None else self.heads
         with torch.no_grad():
-            if self._bias.get(id(layer)) is None:  # the bias is the same for every sample of a forward: reduce it once
-                b = None if bias is None else bias.detach()[hs]                          # [H, L, L]
-                self._bias[id(layer)] = (b, *((None, None) if b is None else _pool_keys(b, k)))
-            b, b_red, b_key = self._bias[id(layer)]
-            for p, didx in want:
-                sm, lg = softmax[p - start, hs].detach(), logits[p - start, hs].detach() # [H, L, L], one sample at a time
-                red, key = _pool_keys(sm, k)
-                full = sm if b is None else sm + b if (k == 1 or self.stats) else None   # the matrix that multiplies v
-                # full maps: exactly that matrix; reduced: block means of the softmax and of the bias
-                w = (full.clone() if b is None else full) if k == 1 else red if b is None else red + b_red
-                ent = _entropy(sm, lg)
-                r = dict(weights=w.to(self.dtype).cpu(), key_attn=(key if b is None else key + b_key).to(self.dtype).cpu(),
-                         entropy=ent.float().cpu(), idx=didx, sample=p, layer=self._names.get(id(layer)), tag=self.tag,
-                         forward=self._forward, **self._cur)
-                if self.stats: r['stats'] = head_stats(full, sm, ent).cpu()             # [H, 7]
-                if not self._fits(r): break
-                self._pending.append(r)
-            if agg:
-                red = torch.stack([_pool_keys(sm[hs].detach(), k, keys=False)[0] for sm in softmax])
-                self._batch_red.append(red if b_red is None else red + b_red)            # [n, H, l, l]
+            b = None if bias is None else bias.detach()[hs]                                  # [H, c, L]
+            if b is not None:  # the bias is the same for every sample of a forward: reduce it once, as its rows first come
+                if fwd['bias'] is None: fwd['bias'] = MapReducer(L, k)
+                if fwd['bias'].seen == q0: fwd['bias'].add(b, q0)
+            for i in range(len(softmax)):
+                p = start + i
+                if q0 == 0:  # a new sample: reduce it when it is recorded (and fits the budget) or aggregated
+                    rec = p in want and not self._full and self._fits(self._record_size(softmax.shape[1], L, k))
+                    if rec or agg: fwd['open'][p] = (MapReducer(L, k, full=k == 1, entropy=rec, stats=rec and self.stats), rec, want.get(p))
+                if p not in fwd['open']: continue
+                red, rec, didx = fwd['open'][p]
+                red.add(softmax[i, hs].detach(), q0, logits[i, hs].detach() if rec else None, b)   # [H, c, L]
+                if not red.done: continue
+                del fwd['open'][p]
+                out = red.result(fwd['bias'])  # full map (k=1) or block means, key means: of the softmax plus the bias
+                if rec:
+                    # from a GPU into pinned memory without waiting: `_keep` waits once per batch
+                    r = dict(weights=to_host(out['weights'].to(self.dtype)), key_attn=to_host(out['key_attn'].to(self.dtype)),
+                             entropy=to_host(out['entropy'].float()), idx=didx, sample=p, layer=self._names.get(id(layer)),
+                             tag=self.tag, forward=self._forward, **self._cur)
+                    if self.stats: r['stats'] = to_host(out['stats'])                                # [H, 7]
+                    if softmax.is_cuda: self._on_gpu = softmax.device
+                    self._pending.append(r)
+                if agg: self._batch_red.append(out['weights'][None])                             # [1, H, l, l]
+
+    def _record_size(self, H, L, k):
+        "A record's arrays as meta tensors: what `_fits` counts before a map is computed"
+        h, l = H if self.heads is None else len(self.heads), -(-L // k)
+        e = lambda *s, dtype=self.dtype: torch.empty(*s, dtype=dtype, device='meta')
+        return dict(weights=e(h, l, l), key_attn=e(h, L), entropy=e(h, L, dtype=torch.float32))
 
     def _fits(self, r):
         "Whether record `r` fits the memory budget; warn once when it does not"
