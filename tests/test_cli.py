@@ -120,3 +120,10 @@ def test_recording_round_trip_and_damaged_file(bm_learner, tmp_path):
     np.savez(tmp_path/'pickled.npz', meta=np.array([{'a': 1}], dtype=object))
     with pytest.raises(ValueError, match='is not a readable AttnRecording') as e: AttnRecording.load(tmp_path/'pickled.npz')
     assert 'allow_pickle' not in str(e.value)  # never suggest unpickling
+
+def test_demo_fast_trains_with_fused_attention_and_records(tmp_path):
+    p = run('demo', '--fast', '--epochs', '1', '--no-html', '--out', tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 'with fused attention' in p.stdout and not (tmp_path/'attention_report.html').exists()
+    r = AttnRecording.load(tmp_path/'recording.npz')
+    assert len(r) == 4 and torch.isfinite(r.weights).all()

@@ -125,10 +125,13 @@ def _demo(a):
     learn = TSClassifier(X, y, splits=splits, arch=ConvTranPlus, bs=a.bs, tfms=[None, TSClassification()],
                          batch_tfms=None, metrics=accuracy, verbose=False, seed=a.seed)
     _check_head(a.head, learn.model)  # before training: a bad option must not cost the training time
+    if a.fast:  # fused attention: no L × L map in training or prediction; the recorder still computes exact maps
+        from tsai_attnviz.fast import fast_attention
+        fast_attention(learn.model)
     t = time.time()
     learn.fit_one_cycle(a.epochs, a.lr)
     acc = learn.validate()[1]
-    print(f"Trained {a.epochs} epochs in {time.time() - t:.0f} s: valid accuracy {acc:.3f}")
+    print(f"Trained {a.epochs} epochs{' with fused attention' if a.fast else ''} in {time.time() - t:.0f} s: valid accuracy {acc:.3f}")
     yv = np.asarray(y)[splits[1]]
     idxs = [int(np.flatnonzero(yv == c)[0]) for c in np.unique(yv)][:a.max_classes]  # one valid item per class
     _report(write_figures(learn, Path(a.out), idxs, head=a.head, max_len=a.max_len, max_classes=a.max_classes, html=a.html))
@@ -153,6 +156,9 @@ def _show(a):
     bad = [i for i in idxs if not 0 <= i < len(X)]
     if bad: raise CLIError(f"--idxs {bad} out of range: --data has {len(X)} samples (0..{len(X) - 1})")
     _check_head(a.head, learn.model)
+    if a.fast:
+        from tsai_attnviz.fast import fast_attention
+        fast_attention(learn.model)
     print(f"{p.name}: ConvTranPlus for [n, {shape[0]}, {shape[1]}]; data {list(X.shape)}", flush=True)
     _report(write_figures(learn, Path(a.out), idxs, head=a.head, X=X, y=y, max_len=a.max_len, html=a.html))
 
@@ -188,6 +194,8 @@ def _parser():
     for q in (d, s):
         q.add_argument('--html', action=argparse.BooleanOptionalAction, default=True,
                        help='write the interactive report attention_report.html (one offline file); --no-html: skip it')
+        q.add_argument('--fast', action='store_true', help='fused attention (fast_attention): no L x L map is built in training or '
+                       'prediction (PigCVP trains on 2 cores); recorded maps are still computed exactly')
     s.add_argument('learner', help='a .pkl written by learn.export(); it is unpickled, so load only files you trust')
     s.add_argument('--data', required=True, help='X as .npy or .npz: [n_samples, n_vars, seq_len]')
     s.add_argument('--y', help='labels as .npy (optional)')
