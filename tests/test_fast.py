@@ -146,7 +146,8 @@ class MapSized(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in (out if isinstance(out, (tuple, list)) else [out]):
             if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[-1] == self.L and t.shape[-2] > 16:
-                self.n = max(self.n, t.numel())
+                # what the op allocated: a view (eRPE's bias rows as windows of its table) takes no memory of its own
+                self.n = max(self.n, min(t.numel(), t.untyped_storage().nbytes() // t.element_size()))
         return out
 
 def largest_map(model, L, bs, train, **rec):
