@@ -1,7 +1,7 @@
 """Fused attention at the users' configuration: prediction and training step, time and peak memory, against stock.
 
 Run: python bench/fast_attention.py [--lens 500 3000] [--bs 4] [--modes predict train] [--repeats 3] [--batches 3]
-                                    [--device cpu|cuda] [--only stock fast ...]
+                                    [--device cpu|cuda] [--only stock fast ...] [--rel eRPE|vector|None]
      python bench/fast_attention.py --tolerance [--lens 500] [--bs 4] [--variants eRPE vector None] [--dtypes ...]
 
 Configurations: the stock model; the exact swapped layers (`swap_attention(model, keep_weights=False)`); the fused
@@ -39,7 +39,7 @@ def _model(kind, seq_len, rel='eRPE'):
     elif kind.startswith('fast'): fast_attention(m)
     return m
 
-def worker(kind, mode, seq_len, bs, n_batches, device):
+def worker(kind, mode, seq_len, bs, n_batches, device, rel='eRPE'):
     "One process: predict or train n_batches batches; print seconds per batch (after the first) and peak memory"
     import warnings; warnings.filterwarnings('ignore')
     import torch
@@ -52,7 +52,7 @@ def worker(kind, mode, seq_len, bs, n_batches, device):
     X, _ = data(seq_len, bs * n_batches)
     ds = [(torch.from_numpy(x), torch.zeros(1)) for x in X]
     dl = DataLoader(ds, bs=bs, shuffle=False, device=dev)
-    model = _model(kind, seq_len).to(dev)
+    model = _model(kind, seq_len, rel).to(dev)
     learn = Learner(DataLoaders(dl, dl, device=dev), model, loss_func=torch.nn.MSELoss())
     train = mode == 'train'
     cbs = {'one': [AttnRecorder(batches=None, samples=[0], max_mem=8192, train=train)],
@@ -127,6 +127,7 @@ def main():
     ap.add_argument('--repeats', type=int, default=3)
     ap.add_argument('--batches', type=int, default=3)
     ap.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    ap.add_argument('--rel', default='eRPE', choices=['eRPE', 'vector', 'None'], help="the timed models' rel_pos_encode")
     ap.add_argument('--tolerance', action='store_true')
     ap.add_argument('--variants', nargs='+', default=['eRPE', 'vector', 'None'], choices=['eRPE', 'vector', 'None'],
                     help="with --tolerance: rel_pos_encode of the models compared ('None': plain attention)")
@@ -136,11 +137,12 @@ def main():
     if a.worker:
         w = a.worker
         if w[0] == 'tolerance': return tolerance(None if w[1] == 'None' else w[1], w[2], int(w[3]), int(w[4]), w[5])
-        return worker(w[0], w[1], int(w[2]), int(w[3]), int(w[4]), w[5])
+        return worker(w[0], w[1], int(w[2]), int(w[3]), int(w[4]), w[5], None if w[6] == 'None' else w[6])
     import torch
     if a.device == 'cuda' and not torch.cuda.is_available(): sys.exit("--device cuda: no CUDA device here.")
     where = torch.cuda.get_device_name() if a.device == 'cuda' else f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    print(f"{where}, torch {torch.__version__}; c_in=3, d_model=16, n_heads=8, dim_ff=256, tAPE, eRPE")
+    print(f"{where}, torch {torch.__version__}; c_in=3, d_model=16, n_heads=8, dim_ff=256, tAPE, "
+          f"{'rel_pos_encode as below' if a.tolerance else a.rel}")
     if a.tolerance:
         print("difference from stock float32, relative to its scale (max |value|); grad: over all gradients; "
               "per param: each parameter's own scale, conv biases that batch norm cancels left out")
@@ -159,7 +161,7 @@ def main():
         for mode in a.modes:
             res, load = {}, os.getloadavg()[0]  # other processes on the machine slow both, unevenly: say how busy it was
             for _ in range(a.repeats):
-                for kind in a.only: res.setdefault(kind, []).append(run(kind, mode, L, a.bs, a.batches, a.device))  # interleaved
+                for kind in a.only: res.setdefault(kind, []).append(run(kind, mode, L, a.bs, a.batches, a.device, a.rel))  # interleaved
             med = {k: (statistics.median(x['s_per_batch'] for x in v), statistics.median(x['peak'] for x in v),
                        v[0]['records'], v[0]['recorded_bytes']) for k, v in res.items()}
             base = med.get('stock')
