@@ -108,9 +108,11 @@ def test_training_records_are_the_items_they_name(bm_data):
     for r in tr.records: assert torch.equal(r['input'], torch.tensor(X[splits[0][r['idx']]]))
     no_leftovers(learn.model)
 
-def test_probe_recorder_with_train_records_no_validation_batches(bm_data):
+def test_probe_recorder_with_train_records_no_validation_batches(bm_data, tmp_path):
     learn = make_learner(*bm_data)
     rec = AttnRecorder(every_epoch=True, train=True, batches=[0], samples=[0], aggregate='mean', max_len=10)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[rec])
     assert sorted(set(rec.recording.splits)) == ['probe', 'train']
+    r2 = AttnRecording.load(rec.recording.save(tmp_path/'fit.npz'))  # every split, epoch and forward survives the file
+    assert (r2.splits, r2.epochs, r2.forwards, r2.idxs) == (rec.recording.splits, rec.recording.epochs, rec.recording.forwards, rec.recording.idxs)
     assert 'mean' not in rec.recording.aggregates  # means are over validation passes: a probe fit has none
