@@ -138,7 +138,7 @@ def test_fast_recordings_at_moderate_length(rel):
 
 # -- memory ---------------------------------------------------------------------------------------------------------
 class MapSized(TorchDispatchMode):
-    "The most elements of any map-shaped tensor an op produces: last dim seq_len and more rows than a head has channels"
+    "The most elements held by any map-shaped tensor an op produces (last dim seq_len, more rows than a head has channels)"
     def __init__(self, L):
         super().__init__()
         self.L, self.n = L, 0
@@ -146,8 +146,8 @@ class MapSized(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in (out if isinstance(out, (tuple, list)) else [out]):
             if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[-1] == self.L and t.shape[-2] > 16:
-                # what the op allocated: a view (eRPE's bias rows as windows of its table) takes no memory of its own
-                self.n = max(self.n, min(t.numel(), t.untyped_storage().nbytes() // t.element_size()))
+                # its storage: a view holds no memory of its own, but shows the size of what it views
+                self.n = max(self.n, t.untyped_storage().nbytes() // t.element_size())
         return out
 
 def largest_map(model, L, bs, train, **rec):

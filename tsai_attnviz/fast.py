@@ -150,8 +150,8 @@ class Attention_Rel_Scl_Fast(_Fused, Attention_Rel_Scl):
         "Rows q0..q1-1 of eRPE's bias, `bias[h, i, j] = relative_bias_table[i - j + L - 1, h]`"
         L = self.seq_len
         # row i is table[i + L - 1], table[i + L - 2], ..., table[i]: windows of the table, read backwards
-        windows = self.relative_bias_table.detach().t().unfold(-1, L, 1)             # [H, L, L]: [h, s, j] = table[s + j, h]
-        return windows[:, q0:q1].flip(-1)
+        t = self.relative_bias_table.detach()[q0:q1 + L - 1].t()                       # [H, q1-q0+L-1]
+        return t.unfold(-1, L, 1).flip(-1)                                             # [h, i-q0, j] = table[i - j + L - 1, h]
 
 class Attention_Rel_Vec_Fast(_Fused, Attention_Rel_Vec):
     "tsai's vector `Attention_Rel_Vec` in chunks of query rows: no [bs, H, L, L] map, and with gradients each chunk is recomputed"
