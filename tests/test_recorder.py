@@ -78,11 +78,14 @@ def test_training_unaffected_and_not_recorded_by_default(bm_data):
     no_leftovers(learn.model)
 
 def test_show_attention_without_recording_leaves_nothing(learn):
+    _, targs, decoded = learn.get_preds(with_decoded=True)  # computed without the package
+    vocab = learn.dls.vocab
     cbs = list(learn.cbs)
     fig = learn.show_attention(head=1)
     assert list(learn.cbs) == cbs
     no_leftovers(learn.model)
-    assert fig.axes[0].get_title().splitlines() == ['backbone.attention_layer, Head 1', 'Sample 0, Batch 0 (idx 0)', 'True: Standing · Pred: Standing']
+    assert fig.axes[0].get_title().splitlines() == ['backbone.attention_layer, Head 1', 'Sample 0, Batch 0 (idx 0)',
+                                                    f'True: {vocab[targs[0]]} · Pred: {vocab[decoded[0]]}']
     plt.close('all')
 
 def test_export_and_load_learner(learn, tmp_path):
@@ -231,12 +234,14 @@ def test_restore_false_keeps_the_swap_without_receiver(learn):
 
 def test_show_attention_on_new_data_keeps_the_attached_recording(learn, bm_data):
     X, y, splits = bm_data
+    Xn = X[splits[1][10:14]]
+    _, _, decoded = learn.get_X_preds(Xn)  # the prediction as tsai decodes it, computed without the package
     rec = AttnRecorder(samples=[0, 1])
     learn.add_cb(rec)
     learn.get_preds()
     before = rec.recording.weights.clone()
-    f = learn.show_attention(X=X[splits[1][10:14]], sample=2, head=0)
-    assert f.axes[0].get_title().splitlines() == ['backbone.attention_layer, Head 0', 'Sample 2, Batch 0 (idx 2)', 'Pred: Running']
+    f = learn.show_attention(X=Xn, sample=2, head=0)
+    assert f.axes[0].get_title().splitlines() == ['backbone.attention_layer, Head 0', 'Sample 2, Batch 0 (idx 2)', f'Pred: {decoded[2]}']
     assert torch.equal(rec.recording.weights, before) and len(rec.recording) == 2
     assert rec in learn.cbs
     plt.close('all')
