@@ -30,7 +30,7 @@ CONFIGS = {'stock': 'stock model',
 def _model(kind, seq_len, rel='eRPE'):
     import torch
     from tsai.models.ConvTranPlus import ConvTranPlus
-    from tsai_attnviz.layers import swap_attention
+    from tsai_attnviz.arch import swap_attention
     from tsai_attnviz.fast import fast_attention
     torch.manual_seed(0)
     m = ConvTranPlus(3, 1, seq_len, d_model=16, n_heads=8, dim_ff=256, abs_pos_encode='tAPE', rel_pos_encode=rel)

@@ -56,7 +56,7 @@ def device_of(model): return next(model.parameters()).device
 
 def no_leftovers(model):
     "The model's attention layers are stock tsai classes, with no receiver and no hook"
-    from tsai_attnviz.layers import attention_layers
+    from tsai_attnviz.arch import attention_layers
     for _, m in attention_layers(model):
         assert not type(m).__name__.endswith('_With_Weights'), type(m)
         assert m.__dict__.get('receiver') is None

@@ -3,7 +3,7 @@ import io, pickle, copy
 import cloudpickle, numpy as np, pytest, torch, torch.nn as nn, torch.nn.functional as F
 from tsai.models.ConvTranPlus import ConvTranPlus, Attention_Rel_Scl
 from tsai.basics import ts_learner, get_ts_dls, TSClassification
-from tsai_attnviz.layers import *
+from tsai_attnviz.all import *
 from conftest import make_learner, stock_effective_attention
 
 def pair(rel, c_in=3, seq_len=30, d_model=16, n_heads=8, seed=0):

@@ -165,7 +165,7 @@ def test_recorder_heads_out_of_range_leaves_learner_usable(learn):
 
 def test_model_without_attention(bm_data):
     learn = make_learner(*bm_data, arch=InceptionTimePlus)
-    with pytest.raises(ValueError, match='no ConvTranPlus attention layer in InceptionTimePlus; it contains: .*Conv1d'):
+    with pytest.raises(ValueError, match=r'no supported attention layer in InceptionTimePlus; it contains: .*Conv1d.*Supported architectures: ConvTranPlus'):
         learn.show_attention()
     assert not any(isinstance(c, AttnRecorder) for c in learn.cbs)
 

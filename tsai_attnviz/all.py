@@ -10,6 +10,7 @@ __all__ = []
 
 # %% ../nbs/99_all.ipynb #1f74a7ef
 from .layers import *
+from .arch import *
 from .reduce import *
 from .recording import *
 from .recorder import *
@@ -17,5 +18,9 @@ from .plot import *
 from .fast import *
 from .learner import *  # patches Learner.show_attention and Learner.record_attention
 from .report import *  # patches AttnRecording.to_html and Learner.attention_report
-from . import layers as _l, reduce as _red, recording as _rg, recorder as _r, plot as _p, fast as _f, report as _rep
-__all__ = _l.__all__ + _red.__all__ + _rg.__all__ + _r.__all__ + _p.__all__ + _f.__all__ + _rep.__all__  # nbdev writes an empty __all__ for a module of imports only
+import importlib, pkgutil
+from . import arch as _a, layers as _l, reduce as _red, recording as _rg, recorder as _r, plot as _p, fast as _f, report as _rep
+__all__ = _l.__all__ + _a.__all__ + _red.__all__ + _rg.__all__ + _r.__all__ + _p.__all__ + _f.__all__ + _rep.__all__  # nbdev writes an empty __all__ for a module of imports only
+for _m in pkgutil.iter_modules(_a.__path__):  # every family's classes (twins, adapters), as `from tsai_attnviz.arch.<family> import *`
+    _fam = importlib.import_module(f'tsai_attnviz.arch.{_m.name}')
+    globals().update({k: getattr(_fam, k) for k in _fam.__all__}); __all__ = __all__ + list(_fam.__all__)

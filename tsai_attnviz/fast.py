@@ -10,7 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tsai.models.ConvTranPlus import Attention, Attention_Rel_Scl, Attention_Rel_Vec
-from .layers import _FAST, _STOCK, _NOT_KEPT, _check_heads, attention_layers, no_attention_error
+from .layers import _NOT_KEPT, _wanted
+from .arch import no_attention_error
+from .arch.convtranplus import CONVTRANPLUS, _FAST, _STOCK, _check_heads
 
 # %% auto #0
 __all__ = ['CHUNK', 'softmax_mix', 'relative_bias_mix', 'Attention_Fast', 'Attention_Rel_Scl_Fast', 'Attention_Rel_Vec_Fast',
@@ -64,13 +66,6 @@ def relative_bias_mix(table:torch.Tensor, # [2L-1, H], eRPE's `relative_bias_tab
 
 # %% ../nbs/08_fast.ipynb #fa570009
 CHUNK = 2**21  # most elements of a chunk of scores [n, H, rows, L] the fused layers build at once (8 MB in float32)
-
-def _wanted(receiver, layer, bs:int)->list:
-    "The samples of a batch of `bs` whose maps `receiver` wants: its `wanted(layer, bs)`, or that of the object it is a method of; else all"
-    for o in (receiver, getattr(receiver, '__self__', None)):
-        f = getattr(type(o), 'wanted', None)  # looked up on the type: fastai callbacks hand unknown attributes to the Learner
-        if f is not None: return [int(p) for p in f(o, layer, bs)]
-    return list(range(bs))
 
 class _Fused:
     "Mixin for the fused layers: attention without [L, L] maps, and exact maps of the samples a receiver wants, chunk by chunk"
@@ -178,11 +173,18 @@ class Attention_Rel_Vec_Fast(_Fused, Attention_Rel_Vec):
 # %% ../nbs/08_fast.ipynb #fa57000c
 _FAST.update({Attention: Attention_Fast, Attention_Rel_Scl: Attention_Rel_Scl_Fast, Attention_Rel_Vec: Attention_Rel_Vec_Fast})
 
+def _no_convtranplus(model, who:str)->ValueError:
+    "The error for a model without ConvTranPlus attention layers: the fused path exists for them only"
+    types = sorted({type(m).__name__ for m in model.modules()})
+    return ValueError(f"{who} found no ConvTranPlus attention layer in {type(model).__name__}; it contains: {', '.join(types)}. "
+                      "The fused path exists for ConvTranPlus's layers (Attention, Attention_Rel_Scl, Attention_Rel_Vec); "
+                      "other architectures are recorded as they run, without it.")
+
 def fast_attention(model:nn.Module, # any module holding ConvTranPlus attention layers
                   )->nn.Module: # `model`, changed in place
     "Give every ConvTranPlus attention layer in `model` its fused class, in place (idempotent): no L × L map is built"
-    layers = attention_layers(model)
-    if not layers: raise no_attention_error(model, 'fast_attention')
+    layers = CONVTRANPLUS.layers(model)
+    if not layers: raise _no_convtranplus(model, 'fast_attention')
     for _, m in layers: _check_heads(m.key.in_features, m.n_heads)  # check all before changing any
     for _, m in layers:
         fast = _FAST.get(_STOCK.get(type(m), type(m)))
@@ -194,8 +196,8 @@ def fast_attention(model:nn.Module, # any module holding ConvTranPlus attention 
 def exact_attention(model:nn.Module, # any module holding ConvTranPlus attention layers
                    )->nn.Module: # `model` with stock tsai layers where it had fused ones, changed in place
     "Give every fused attention layer in `model` its stock tsai class back, in place (idempotent)"
-    layers = attention_layers(model)
-    if not layers: raise no_attention_error(model, 'exact_attention')
+    layers = CONVTRANPLUS.layers(model)
+    if not layers: raise _no_convtranplus(model, 'exact_attention')
     stock = {v:k for k,v in _FAST.items()}
     for _, m in layers:
         if type(m) in stock:

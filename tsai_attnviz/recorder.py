@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from fastcore.basics import store_attr, listify, noop
 from fastai.callback.core import Callback, CancelFitException
-from .layers import swap_attention, unswap_attention, attention_layers, check_input, no_attention_error
+from .layers import check_input
+from .arch import swap_attention, unswap_attention, attention_layers, no_attention_error, adapter_for
 from .reduce import block_size, MapReducer
 from .recording import AttnRecording, _to_dtype, _record_bytes, to_host, host_ready
 from .data import target_info, nonfinite_message
@@ -24,11 +25,9 @@ __all__ = ['AttnRecorder']
 
 # %% ../nbs/03_recorder.ipynb #7c41dc03
 def _model_input(model):
-    "(c_in, seq_len) a ConvTranPlus-like model was built for, or None when it can't be told"
-    try:
-        bb = model.backbone
-        return bb.embed_layer2[0].kernel_size[0], bb.attention_layer.seq_len
-    except (AttributeError, IndexError, TypeError): return None
+    "(c_in, seq_len) the model was built for, as its family's adapter tells, or None when it can't be told"
+    try: return adapter_for(model).input_shape(model)
+    except ValueError: return None
 
 def _as_list(o): return None if o is None else [int(i) for i in listify(o)]
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from fastcore.basics import patch, listify
 from fastai.learner import Learner
-from .layers import Attention_Rel_Scl_With_Weights
+from .arch.convtranplus import Attention_Rel_Scl_With_Weights
 from .reduce import _pool_keys
 from .recording import AttnRecording, _to_dtype
 from .learner import _recorder, _pick, _info
