@@ -49,15 +49,15 @@ def _token_axis(axis, tok, which:str):
     "Label an axis of a map: time steps, or the model's tokens numbered with the first time step each covers"
     if _steps(tok): return axis.set_label_text(f'{which} timestep')
     kind, spans = tok
+    sep = '\n' if which == 'Key' else ' '
     def fmt(v, _):
         i = int(round(v))
         if not 0 <= i < len(spans) or abs(v - i) > 1e-6: return ''
         a, b = spans[i]
-        return f'{i}' if a < 0 else f'{i}\n(t {a})' if b - a <= 1 else f'{i}\n(t {a}–{b - 1})' if b > a else f'{i}\n(pad)'
-    axis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+        return f'{i}' if a < 0 else f'{i}{sep}(pad)' if b <= a else f'{i}{sep}(t={a})'
+    axis.set_major_locator(MaxNLocator(nbins=3, integer=True))
     axis.set_major_formatter(FuncFormatter(fmt))
-    what = {'latent': 'latent', 'patch': 'patch', 'token': 'token'}.get(kind, kind)
-    axis.set_label_text(f'{which} {what}' + ('' if kind == 'latent' else ' (time steps it covers)'))
+    axis.set_label_text(f'{which} {kind}' + ('' if kind == 'latent' or all(a < 0 for a, _ in spans) else ' (t = its first step)'))
 
 def _heatmap(ax, m, seq_len=None, vmin=None, vmax=None, cmap='viridis', tokens=None):
     "Draw map `m` [lq, lk] on `ax`: axes in time steps 0..seq_len, or in the model's tokens when `tokens` says what they are"
