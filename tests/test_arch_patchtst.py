@@ -221,20 +221,43 @@ def test_forecaster_shapes(forecaster):
     with torch.no_grad(): assert forecaster.model.eval()(xb).shape == yb.shape
     assert forecaster.model.patch_num == 10  # int((80 − 16) / 8 + 1) + 1
 
-@pytest.mark.xfail(reason='needs recorder support', strict=False)
 def test_recorder_on_a_forecaster(forecaster, tmp_path):
+    "One record per (item, variable) and layer, equal to the stock model's maps by hand; figures draw; nothing left swapped"
+    import matplotlib.pyplot as plt
     from tsai_attnviz.all import AttnRecorder
-    learn = copy.deepcopy(forecaster)
+    learn = forecaster
     rec = AttnRecorder()
     learn.add_cb(rec)
-    learn.get_preds()
+    with learn.no_bar(): learn.get_preds()
+    no_leftovers(learn.model)
     r = rec.recording
-    assert len(r) and len(r) % 6 == 0  # one record per (item, variable) and layer
-    assert r.weights.shape[1:] == (2, 10, 10)
+    names = [n for n, _ in attention_layers(learn.model)]
+    n = len(r) // 12  # items recorded (the first batch): 6 variables × 2 layers each
+    assert n > 1 and r.layers == [names[0]] * 6 * n + [names[1]] * 6 * n
+    assert [x['var'] for x in r.records[:12]] == list(range(6)) * 2 and r.samples[:12] == [0] * 6 + [1] * 6
+    assert r.weights.shape == (12 * n, 2, 10, 10) and r.meta['per_var'] and r.meta['dropout'] == 'after'
+    assert r.meta['tokens'][names[0]]['key'] == ('patch', patch_spans(80, 16, 8).tolist())
+    x = r.inputs[:6 * n:6]  # each item's input, once: [n, 6, 80]
+    ref = hand_maps(learn.model, x)  # rows: item · 6 + variable, as the records
+    for l in range(2): torch.testing.assert_close(r.weights[6 * n * l:6 * n * (l + 1)], ref[l][1], rtol=0, atol=1e-6)
     fig = learn.show_attention(path='/tmp/patchtst_heatmap.png')
-    fig2 = learn.show_attention(view='series', path='/tmp/patchtst_series.png')
-    assert fig is not None and fig2 is not None
+    assert len([ax for ax in fig.axes if ax.images]) == 2  # one panel per head
+    learn.show_attention(view='series', path='/tmp/patchtst_series.png')
+    learn.show_attention(layer='all', path='/tmp/patchtst_all.png')
+    plt.close('all')
     learn.remove_cb(rec)
     no_leftovers(learn.model)
     learn.export(tmp_path/'f.pkl')
     assert b'tsai_attnviz' not in (tmp_path/'f.pkl').read_bytes()
+
+def test_recorder_tells_decomposition_branches_apart(bm_data):
+    from tsai.basics import TSForecaster
+    X, _, splits = bm_data
+    Xh, y = forecast_data(X[:, :2], 20)
+    learn = TSForecaster(Xh, y, splits=splits, arch='PatchTST', bs=8, seed=0, verbose=False,
+                         arch_config=dict(d_model=8, n_heads=2, d_ff=8, n_layers=1, patch_len=16, stride=8,
+                                          decomposition=True, kernel_size=5))
+    with learn.no_bar(): r = learn.record_attention(X=Xh[:3])
+    assert sorted(set(r.layers)) == ['model_res.backbone.layers.0.self_attn.sdp_attn', 'model_trend.backbone.layers.0.self_attn.sdp_attn']
+    assert len(r) == 3 * 2 * 2  # items × variables × branches
+    no_leftovers(learn.model)

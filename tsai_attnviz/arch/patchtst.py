@@ -64,11 +64,10 @@ class PatchTSTAdapter(ArchAdapter):
     token,maps,dropout,per_var = 'patch','exact','after',True
 
     def layers(self, model):
-        "The softmax module (`….self_attn.sdp_attn`) of every `_MultiheadAttention` in `model`, in the model's order"
-        held = {id(m.sdp_attn): m.n_heads for m in model.modules() if isinstance(m, _MultiheadAttention)}
-        kinds = tuple(self.twins) + tuple(self.twins.values())
-        found = [(n, m) for n, m in model.named_modules() if type(m) in kinds and id(m) in held]
-        for _, m in found: _HEADS[m] = held[id(m)]
+        "The softmax modules (`….self_attn.sdp_attn`) in `model`, in the model's order; notes the heads of those in a `_MultiheadAttention`"
+        found = super().layers(model)
+        for m in model.modules():
+            if isinstance(m, _MultiheadAttention): _HEADS[m.sdp_attn] = m.n_heads
         return found
 
     def n_heads(self, layer):
