@@ -88,7 +88,6 @@ def test_a_custom_head_leaves_seq_len_open():
     with torch.no_grad(): m(torch.randn(2, 3, 20))  # other lengths run
     assert adapter_for(m).input_shape(m) is None
 
-@pytest.mark.xfail(reason='needs recorder support', strict=False)
 def test_learner_records_draws_and_exports_stock(bm_data, tmp_path):
     "A bidirectional LSTMAttentionPlus on BasicMotions: recorded maps are the stock layers' maps, one token per step"
     X, y, splits = bm_data

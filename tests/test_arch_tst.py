@@ -120,7 +120,6 @@ def test_registry_shape_and_tokens():
     with pytest.raises(ValueError, match='attends over 4 tokens'): tokens_of(m, name, lay, 12, 4, 4)
     assert pickle.loads(pickle.dumps(swap_attention(m))).encoder.layers[0].self_attn.attn_weights is None
 
-@pytest.mark.xfail(reason='needs recorder support', strict=False)
 def test_learner_records_draws_and_exports_stock(bm_data, tmp_path):
     "A TST downsampling BasicMotions' 100 steps to 25 patches of 4: recorded maps are the stock layers' maps"
     X, y, splits = bm_data
