@@ -65,7 +65,11 @@ def _titles(info, r)->tuple: # ('Sample 3, Batch 0 (idx 17)', 'True: Walking · 
     where += '' if r['idx'] is None else f" (idx {r['idx']})"
     if r.get('var') is not None: where += f", var {r['var']}"   # channel-independent models: one map per variable
     if r.get('call'): where += f", call {r['call']}"              # a layer called several times a forward
-    return where, item_title(info, r['target'], r['pred'])
+    t, p, v = r['target'], r['pred'], r.get('var')
+    if v is not None:  # a forecast of every variable: this variable's values
+        pick = lambda a: a[v] if torch.is_tensor(a) and a.ndim >= 2 and a.shape[0] > v else a
+        t, p = pick(t), pick(p)
+    return where, item_title(info, t, p)
 
 def _pick(rec:AttnRecording, layer, idx, batch, sample, **where):
     "Records of `rec` for `layer` and the selected items (the latest pass of each), with errors that say what is there"
@@ -163,6 +167,12 @@ def _series(r, tokens, head, heads, path, **kwargs):
     if r.get('var') is not None: x, names = x[r['var']][None], [f"var {r['var']}"]
     key = None if tokens is None else tokens['key']
     spans = None if _steps(key) else key[1]
+    if spans is not None:  # attention to tokens that cover no time step (a cls token, padding) has no place on the time axis
+        a = r['key_attn'].float()
+        a = a.mean(0) if head is None else a[heads.index(head)]
+        off = [j for j, (s, e) in enumerate(spans) if s < 0 or e <= s]
+        if off and (share := a[off].sum().item() / a.sum().item()) > 0:
+            kwargs['title'] = kwargs.get('title', '') + f"\n{share:.1%} of the attention goes to tokens that cover no time step (cls, padding): not drawn"
     return plot_attention_over_series(x, r['key_attn'], head=head, head_labels=heads, path=path, var_names=names, spans=spans, **kwargs)
 
 def _show_layers(learn, rec, head, idx, batch, sample, view, shared_scale, path, **where):
@@ -177,7 +187,10 @@ def _show_layers(learn, rec, head, idx, batch, sample, view, shared_scale, path,
     heads, info = rec.heads, _info(learn, rec)
     _check_head(head, heads)
     where_, labels = _titles(info, dict(r0, call=0))
-    name = lambda r: r['layer'] + (f" (call {r['call']})" if any(o.get('call') for o in rows if o['layer'] == r['layer']) else '')
+    def name(r):  # long module paths wrapped at dots, so that rows keep their room
+        parts, lines = r['layer'].split('.'), ['']
+        for p_ in parts: lines[-1:] = [lines[-1] + ('.' if lines[-1] else '') + p_] if len(lines[-1]) + len(p_) < 22 else [lines[-1] + '.', p_]
+        return '\n'.join(lines) + (f" (call {r['call']})" if any(o.get('call') for o in rows if o['layer'] == r['layer']) else '')
     return plot_head_grid([r['weights'].float() for r in rows], heads=None if head is None else [head], head_labels=heads,
                           row_labels=[name(r) for r in rows], tokens=[rec.tokens(r['layer']) for r in rows], seq_len=rec.seq_len,
                           shared_scale=shared_scale, suptitle=f'Attention of every layer · {where_} · {labels}', path=path,

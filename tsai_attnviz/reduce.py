@@ -45,8 +45,9 @@ def _entropy(sm:torch.Tensor, logits:torch.Tensor=None)->torch.Tensor: # [..., L
     "Entropy of each row, from the scores when given: log p = s - logsumexp(s), and logsumexp(s) = max s - log(max p)"
     if logits is None: return -torch.special.xlogy(sm, sm).sum(-1)  # a matrix that is not a softmax of scores (dropout)
     # No log over L² cells: two maxima and one batched dot product. Masked keys (-inf scores, p = 0) add nothing.
-    if not torch.isfinite(logits).all(): logits = logits.masked_fill(sm == 0, 0)
-    return logits.amax(-1) - sm.amax(-1).log() - torch.einsum('...qk,...qk->...q', sm, logits)
+    top = logits.amax(-1)  # the largest score of each row (a kept key's: masked ones are -inf)
+    if not torch.isfinite(logits).all(): logits = logits.masked_fill(sm == 0, 0)  # 0 · -inf would be NaN
+    return top - sm.amax(-1).log() - torch.einsum('...qk,...qk->...q', sm, logits)
 
 # %% ../nbs/01_reduce.ipynb #773591f0
 class MapReducer:
