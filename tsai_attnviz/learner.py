@@ -16,7 +16,7 @@ from fastai.learner import Learner
 from .data import check_X, target_info, item_title, decode_target, class_index
 from .recorder import AttnRecorder, _model_input
 from .recording import AttnRecording
-from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, plot_attention_stats, _check_index, _finish
+from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, plot_attention_stats, _check_index, _finish, _steps
 
 # %% auto #0
 __all__ = []
@@ -62,7 +62,10 @@ def record_attention(self:Learner,
 def _titles(info, r)->tuple: # ('Sample 3, Batch 0 (idx 17)', 'True: Walking · Pred: Running')
     "How figures name a record: where it came from, and its true and predicted label"
     where = f"Sample {r['sample']}, Batch {r['batch']}" if r['batch'] >= 0 else f"Probe, epoch {r['epoch']}"
-    return where + ('' if r['idx'] is None else f" (idx {r['idx']})"), item_title(info, r['target'], r['pred'])
+    where += '' if r['idx'] is None else f" (idx {r['idx']})"
+    if r.get('var') is not None: where += f", var {r['var']}"   # channel-independent models: one map per variable
+    if r.get('call'): where += f", call {r['call']}"              # a layer called several times a forward
+    return where, item_title(info, r['target'], r['pred'])
 
 def _pick(rec:AttnRecording, layer, idx, batch, sample, **where):
     "Records of `rec` for `layer` and the selected items (the latest pass of each), with errors that say what is there"
@@ -72,10 +75,13 @@ def _pick(rec:AttnRecording, layer, idx, batch, sample, **where):
         name = layer
     else: _check_index('layer', layer, len(names)); name = names[layer]
     recs = [r for r in rec.records if r['layer'] == name]
+    dflt = dict(var=None, call=0)  # records made before variables and calls were recorded
+    for k in ('var', 'call'):  # one variable (channel-independent models) and one call at a time: the first recorded
+        if where.get(k) is None and (have := sorted({r.get(k, dflt[k]) for r in recs} - {None})): where[k] = have[0]
     for k, v in where.items():
         if v is None: continue
-        have = sorted({r[k] for r in recs}, key=str)
-        recs = [r for r in recs if r[k] == v]
+        have = sorted({r.get(k, dflt.get(k)) for r in recs}, key=str)
+        recs = [r for r in recs if r.get(k, dflt.get(k)) == v]
         if not recs: raise IndexError(f"{k}={v!r} is not recorded: recorded {k}s are {have}.")
     latest = lambda rs: max(rs, key=lambda r: r['forward'])  # accumulated passes: the last one, unless chosen
     if idx is not None:
@@ -102,7 +108,7 @@ def _cbar_label(rec)->str:
 @patch
 def show_attention(self:Learner,
                    head:int=None, # a head number for one heatmap per item; None: every head in a grid
-                   layer=0, # attention layer, by number or name
+                   layer=0, # attention layer, by number or name; 'all': every layer (rows) × heads for one item
                    idx=None, # dataset index (or list), instead of batch/sample
                    batch=None, # recorded batch number (or list); default: the first recorded
                    sample=None, # position within the batch (or list); default: the first recorded
@@ -110,6 +116,8 @@ def show_attention(self:Learner,
                    aggregate:str=None, # 'mean', 'class' or 'bins': the mean maps recorded with AttnRecorder(aggregate=...)
                    classes=None, # with aggregate='class': the classes to draw, as labels (vocab names, e.g. GunPoint's 1); None: all
                    epoch:int=None, forward:int=None, tag=None, # which pass to draw when several recorded an item (default: the latest)
+                   var:int=None, # channel-independent models (PatchTST): the variable whose map to draw (default: the first recorded)
+                   call:int=None, # a layer called several times a forward (TSPerceiver's shared weights): which call (default: the first)
                    dl=None, X=None, y=None, # data to record from when nothing is recorded yet
                    shared_scale:bool=True, # one colour scale for a grid
                    max_len:int=500, # when recording here: reduce maps to at most this many cells a side (screen size)
@@ -128,25 +136,52 @@ def show_attention(self:Learner,
         sel = dict(idxs=listify(idx)) if idx is not None else dict(batches=listify(batch or 0), samples=listify(sample or 0))
         rec = self.record_attention(dl=dl, X=X, y=y, max_len=max_len, **sel)
         if not len(rec): raise IndexError(f"Nothing recorded for {sel}: the data has fewer batches or items than that.")
-    name, recs = _pick(rec, layer, idx, batch, sample, epoch=epoch, forward=forward, tag=tag)
-    heads, info = rec.heads, _info(self, rec)
+    if layer == 'all': return _show_layers(self, rec, head, idx, batch, sample, view, shared_scale, path,
+                                           epoch=epoch, forward=forward, tag=tag, var=var, **kwargs)
+    name, recs = _pick(rec, layer, idx, batch, sample, epoch=epoch, forward=forward, tag=tag, var=var, call=call)
+    heads, info, tokens = rec.heads, _info(self, rec), rec.tokens(name)
     _check_head(head, heads)
     titles = [_titles(info, r) for r in recs]
     if view == 'series':
         if len(recs) > 1: raise ValueError("view='series' draws one item: pass a single idx, or batch and sample.")
         where, labels = titles[0]
-        return plot_attention_over_series(recs[0]['input'], recs[0]['key_attn'], head=head, head_labels=heads, path=path,
-                                          title=f"{labels} · {where} · " + ('mean over heads' if head is None else f'Head {head}'), **kwargs)
+        return _series(recs[0], tokens, head, heads, path, title=f"{labels} · {where} · " + ('mean over heads' if head is None else f'Head {head}'), **kwargs)
     if len({tuple(r['weights'].shape) for r in recs}) > 1:
         raise ValueError("The selected records hold maps of different sizes (passes with another max_len): choose one pass with "
                          "forward=... or epoch=..., or draw them one at a time.")
     w = torch.stack([r['weights'] for r in recs]).float()                 # [n, H, l, l]
     if head is not None and len(recs) == 1:
-        return plot_attention_weights([w], 0, 0, heads.index(head), seq_len=rec.seq_len, path=path, cbar_label=_cbar_label(rec),
+        return plot_attention_weights([w], 0, 0, heads.index(head), seq_len=rec.seq_len, path=path, cbar_label=_cbar_label(rec), tokens=tokens,
                                       title=f"{name}, Head {head}\n{titles[0][0]}\n{titles[0][1]}", **kwargs)
     return plot_head_grid(w, heads=None if head is None else [head], head_labels=heads, row_labels=['\n'.join(t) for t in titles],
                           seq_len=rec.seq_len, shared_scale=shared_scale, suptitle=f'Attention of {name}', path=path,
-                          cbar_label=_cbar_label(rec), **kwargs)
+                          cbar_label=_cbar_label(rec), tokens=tokens, **kwargs)
+
+def _series(r, tokens, head, heads, path, **kwargs):
+    "The over-the-series view of record `r`: its input (its variable, for channel-independent models), keys spread over their steps"
+    x, names = r['input'], None
+    if r.get('var') is not None: x, names = x[r['var']][None], [f"var {r['var']}"]
+    key = None if tokens is None else tokens['key']
+    spans = None if _steps(key) else key[1]
+    return plot_attention_over_series(x, r['key_attn'], head=head, head_labels=heads, path=path, var_names=names, spans=spans, **kwargs)
+
+def _show_layers(learn, rec, head, idx, batch, sample, view, shared_scale, path, **where):
+    "Every recorded layer (and call) of one item: rows are layers, columns heads"
+    if view != 'heatmap': raise ValueError("layer='all' draws heatmaps: pass view='heatmap', or one layer for view='series'.")
+    _, recs = _pick(rec, 0, idx, batch, sample, **where)
+    if len(recs) > 1: raise ValueError("layer='all' draws one item: pass a single idx, or batch and sample.")
+    r0 = recs[0]
+    same = lambda r: all(r.get(k) == r0.get(k) for k in ('batch', 'sample', 'forward', 'split', 'epoch', 'tag', 'var'))
+    order = list(dict.fromkeys(rec.layers))
+    rows = sorted((r for r in rec.records if same(r)), key=lambda r: (order.index(r['layer']), r.get('call', 0)))
+    heads, info = rec.heads, _info(learn, rec)
+    _check_head(head, heads)
+    where_, labels = _titles(info, dict(r0, call=0))
+    name = lambda r: r['layer'] + (f" (call {r['call']})" if any(o.get('call') for o in rows if o['layer'] == r['layer']) else '')
+    return plot_head_grid([r['weights'].float() for r in rows], heads=None if head is None else [head], head_labels=heads,
+                          row_labels=[name(r) for r in rows], tokens=[rec.tokens(r['layer']) for r in rows], seq_len=rec.seq_len,
+                          shared_scale=shared_scale, suptitle=f'Attention of every layer · {where_} · {labels}', path=path,
+                          cbar_label=_cbar_label(rec))
 
 def _show_aggregate(learn, rec, aggregate, head, shared_scale, path, classes=None):
     "Mean maps over every recorded sample, one row per class (or target bin)"
@@ -183,7 +218,7 @@ def _show_aggregate(learn, rec, aggregate, head, shared_scale, path, classes=Non
 def show_attention_evolution(self:Learner,
                              head:int=None, # one head (epochs as columns), or None for every head (epochs as rows)
                              idx:int=None, # probe item (default: the first)
-                             layer=0, # attention layer, by number or name
+                             layer=0, # attention layer, by number or name; 'all': every layer (rows) × heads for one item
                              stats=('entropy', 'mean_distance', 'rowsum_min', 'rowsum_max'), # statistics to draw below; None: none
                              path=None)->plt.Figure:
     "Probe maps across epochs, with their statistics across epochs"

@@ -13,6 +13,8 @@ import torch
 import matplotlib.pyplot as plt
 import torch.nn.functional as F
 from .reduce import reduce_map, block_size
+from .arch import spread_to_steps
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 # %% auto #0
 __all__ = ['to_display', 'plot_attention_weights', 'plot_head_grid', 'plot_attention_over_series', 'plot_attention_stats',
@@ -39,11 +41,36 @@ def _finish(fig, path):
         plt.close(fig)
     return fig
 
-def _heatmap(ax, m, seq_len=None, vmin=None, vmax=None, cmap='viridis'):
-    "Draw map `m` [l, l] on `ax`, axes in time steps 0..seq_len"
-    L = seq_len or m.shape[-1]
+def _steps(tok)->bool:
+    "Whether tokens `(kind, spans)` are the input's time steps one to one (or unknown, as before tokens were recorded)"
+    return tok is None or (tok[0] == 'time step' and all(b - a == 1 for a, b in tok[1]))
+
+def _token_axis(axis, tok, which:str):
+    "Label an axis of a map: time steps, or the model's tokens numbered with the first time step each covers"
+    if _steps(tok): return axis.set_label_text(f'{which} timestep')
+    kind, spans = tok
+    def fmt(v, _):
+        i = int(round(v))
+        if not 0 <= i < len(spans) or abs(v - i) > 1e-6: return ''
+        a, b = spans[i]
+        return f'{i}' if a < 0 else f'{i}\n(t {a})' if b - a <= 1 else f'{i}\n(t {a}–{b - 1})' if b > a else f'{i}\n(pad)'
+    axis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+    axis.set_major_formatter(FuncFormatter(fmt))
+    what = {'latent': 'latent', 'patch': 'patch', 'token': 'token'}.get(kind, kind)
+    axis.set_label_text(f'{which} {what}' + ('' if kind == 'latent' else ' (time steps it covers)'))
+
+def _heatmap(ax, m, seq_len=None, vmin=None, vmax=None, cmap='viridis', tokens=None):
+    "Draw map `m` [lq, lk] on `ax`: axes in time steps 0..seq_len, or in the model's tokens when `tokens` says what they are"
+    if tokens is not None: nq, nk = len(tokens['query'][1]), len(tokens['key'][1])
+    else: nq, nk = (seq_len, seq_len) if seq_len else m.shape[-2:]
     d = to_display(m, _axes_px(ax))
-    return ax.imshow(d.numpy(), cmap=cmap, vmin=vmin, vmax=vmax, extent=(0, L, L, 0), interpolation='nearest', aspect='auto')
+    return ax.imshow(d.numpy(), cmap=cmap, vmin=vmin, vmax=vmax, extent=(0, nk, nq, 0), interpolation='nearest', aspect='auto')
+
+def _label_map_axes(ax, tokens, x:bool=True, y:bool=True):
+    "Axis labels (and token ticks) of a heatmap"
+    t = tokens or {}
+    if x: _token_axis(ax.xaxis, t.get('key'), 'Key')
+    if y: _token_axis(ax.yaxis, t.get('query'), 'Query')
 
 # %% ../nbs/05_plot.ipynb #1b22904f
 def plot_attention_weights(attention_weights, # list (one per layer or forward) of [bs, n_heads, L, L]
@@ -51,6 +78,7 @@ def plot_attention_weights(attention_weights, # list (one per layer or forward) 
                            seq_len:int=None, # time steps the map covers, when it was reduced
                            ax=None, figsize=(6, 5), path=None, title=None,
                            cbar_label:str='attention weight', # what the colour shows
+                           tokens:dict=None, # what queries and keys are, when not time steps: `AttnRecording.tokens(layer)`
                           )->plt.Figure:
     "Heatmap of `attention_weights[layer_idx][batch_idx, head_idx]` (viridis, colorbar); maps larger than the axes are block-averaged to their pixels"
     _check_index('layer_idx', layer_idx, len(attention_weights))
@@ -58,9 +86,9 @@ def plot_attention_weights(attention_weights, # list (one per layer or forward) 
     _check_index('batch_idx', batch_idx, w.shape[0])
     _check_index('head_idx', head_idx, w.shape[1])
     fig, ax = (plt.subplots(figsize=figsize) if ax is None else (ax.figure, ax))
-    im = _heatmap(ax, w[batch_idx, head_idx], seq_len)
+    im = _heatmap(ax, w[batch_idx, head_idx], seq_len, tokens=tokens)
     ax.set_title(title or f'Layer {layer_idx}, Head {head_idx}, Sample {batch_idx} of the batch')  # batch_idx: a sample
-    ax.set_xlabel('Key timestep'); ax.set_ylabel('Query timestep')
+    _label_map_axes(ax, tokens)
     fig.colorbar(im, ax=ax, label=cbar_label)
     return _finish(fig, path)
 
@@ -69,7 +97,7 @@ def _check_index(name, i, n):
         raise IndexError(f"{name}={i} is out of range: there are {n} ({name} 0..{n-1}).")
 
 # %% ../nbs/05_plot.ipynb #af06617b
-def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l]
+def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l], or a list of [n_heads, lq, lk] (rows of several sizes)
                    heads=None, # head numbers to show (default: all), or the model's numbers of the heads given
                    head_labels=None, # the model's head numbers of `weights`' heads, for titles
                    row_labels=None, # one label per row, e.g. 'Sample 3'
@@ -79,27 +107,32 @@ def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l]
                    panel_size:float=2.2, suptitle=None,
                    fig=None, # a Figure or SubFigure to draw into
                    cbar_label:str='attention weight', # what the colour shows
+                   tokens=None, # what queries and keys are (`AttnRecording.tokens(layer)`), or one such dict per row
                    path=None)->plt.Figure:
-    "Grid of heatmaps, rows samples (or classes), columns heads; maps larger than a panel are block-averaged to its pixels"
-    w = _t(weights)
-    if w.ndim == 3: w = w[None]
-    head_labels = list(range(w.shape[1])) if head_labels is None else list(head_labels)
-    cols = list(range(w.shape[1])) if heads is None else [head_labels.index(h) for h in heads]
-    n, m = w.shape[0], len(cols)
+    "Grid of heatmaps, rows samples (or classes, or layers), columns heads; maps larger than a panel are block-averaged to its pixels"
+    if isinstance(weights, (list, tuple)): w = [_t(x) for x in weights]                   # rows of [H, lq, lk]
+    else:
+        w = _t(weights)
+        w = list(w[None] if w.ndim == 3 else w)
+    toks = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens] * len(w)
+    head_labels = list(range(w[0].shape[0])) if head_labels is None else list(head_labels)
+    cols = list(range(w[0].shape[0])) if heads is None else [head_labels.index(h) for h in heads]
+    n, m = len(w), len(cols)
     if fig is None: fig = plt.figure(figsize=(panel_size * m + 1, panel_size * n + 0.6), layout='constrained')
     axs = fig.subplots(n, m, squeeze=False)
-    sel = w[:, cols]
+    sel = torch.cat([x[cols].flatten() for x in w])
     fin = sel[torch.isfinite(sel)]  # a map that is not finite (NaN input) is drawn blank and does not set the scale
     vmin, vmax = (fin.min().item(), fin.max().item()) if shared_scale and len(fin) else (None, None)
+    same = all(t == toks[0] for t in toks)  # rows over the same tokens share the bottom row's key axis
     for i in range(n):
         for j, c in enumerate(cols):
             ax = axs[i, j]
-            im = _heatmap(ax, w[i, c], seq_len, vmin, vmax)
+            im = _heatmap(ax, w[i][c], seq_len, vmin, vmax, tokens=toks[i])
             if i == 0: ax.set_title(f'Head {head_labels[c]}' if col_labels is None else col_labels[j])
-            if j == 0: ax.set_ylabel(('' if row_labels is None else f'{row_labels[i]}\n') + 'Query timestep')
+            _label_map_axes(ax, toks[i], x=i == n - 1 or not same, y=j == 0)
+            if j == 0: ax.set_ylabel(('' if row_labels is None else f'{row_labels[i]}\n') + ax.get_ylabel())
             else: ax.set_yticklabels([])
-            if i == n - 1: ax.set_xlabel('Key timestep')
-            else: ax.set_xticklabels([])
+            if not (i == n - 1 or not same): ax.set_xticklabels([])
             if not shared_scale: fig.colorbar(im, ax=ax, shrink=0.8)
     if shared_scale: fig.colorbar(im, ax=axs, shrink=0.8, label=cbar_label)
     if suptitle: fig.suptitle(suptitle)
@@ -110,17 +143,26 @@ def plot_attention_over_series(x, # [c_in, L] the input as the model saw it
                                key_attn, # [n_heads, L] or [L], attention each step receives (mean over queries)
                                head:int=None, # the head to show; None: the mean over heads
                                head_labels=None, # the model's head numbers of `key_attn`'s heads
-                               title:str=None, var_names=None, figsize=(10, 4.4), ax=None, path=None)->plt.Figure:
+                               title:str=None, var_names=None, figsize=(10, 4.4), ax=None, path=None,
+                               spans=None, # [n_tokens, 2]: the time steps each key token covers, when keys are not time steps
+                               quantity:str='attention received', # what the curve is
+                               uniform:bool=True, # draw what a uniform map would give, as a baseline
+                              )->plt.Figure:
     "The input's channels against time, with the attention each time step receives shaded behind (colour bar) and drawn below from 0"
     x, a = _t(x), _t(key_attn)
     if x.ndim == 1: x = x[None]
     if a.ndim == 1: a = a[None]
+    L = x.shape[-1]
+    flat = torch.full((L,), 1 / L) if uniform else None
+    if spans is not None:  # each token's attention spread over the steps it covers; a uniform map spreads 1/n_tokens alike
+        sp = np.asarray(spans).reshape(-1, 2)
+        if uniform: flat = spread_to_steps(torch.full((len(sp),), 1 / len(sp)), sp, L)
+        a = spread_to_steps(a, sp, L)                                                        # [H, L]
     labels = list(range(a.shape[0])) if head_labels is None else list(head_labels)
     if head is None: curve, what = a.mean(0), 'mean over heads'
     else:
         if head not in labels: raise IndexError(f"head={head} is not recorded: heads are {labels}.")
         curve, what = a[labels.index(head)], f'head {head}'
-    L = x.shape[-1]
     if ax is None: fig, (ax, ax2) = plt.subplots(2, 1, figsize=figsize, sharex=True, height_ratios=(3, 1.3), layout='constrained')
     else: fig, ax2 = ax.figure, None
     t = np.arange(L)
@@ -135,16 +177,18 @@ def plot_attention_over_series(x, # [c_in, L] the input as the model saw it
     im = ax.imshow(band.numpy(), extent=(-0.5, n * k - 0.5, lo, hi), aspect='auto', cmap='Reds', alpha=0.45, vmin=c0, vmax=c1,
                    interpolation='nearest', zorder=0)
     ax.set_ylim(lo, hi); ax.set_xlim(-0.5, L - 0.5)
-    fig.colorbar(im, ax=ax if ax2 is None else [ax, ax2], label='attention received (shading)', pad=0.01)  # both: same widths
+    fig.colorbar(im, ax=ax if ax2 is None else [ax, ax2], label=f'{quantity} (shading)', pad=0.01)  # both: same widths
     ax.set_ylabel('value'); ax.legend(loc='upper right', fontsize='small', ncol=min(x.shape[0], 6))
-    ax.set_title(title or f'Attention received per time step ({what})')
+    ax.set_title(title or f'{quantity[0].upper() + quantity[1:]} per time step ({what})')
     if ax2 is not None:
         base = 0. if c0 >= 0 else c0  # from zero when every value allows; eRPE's bias can make some negative
         ax2.fill_between(t, np.nan_to_num(curve.numpy(), nan=base), base, color='tab:red', alpha=0.6, step='mid')
-        ax2.axhline(1 / L, color='k', lw=0.8, ls='--', label=f'uniform: 1/L = {1 / L:.3g}')
-        top = max(c1, 1 / L)
+        if flat is not None and spans is None: ax2.axhline(1 / L, color='k', lw=0.8, ls='--', label=f'uniform: 1/L = {1 / L:.3g}')
+        elif flat is not None: ax2.plot(t, flat.numpy(), color='k', lw=0.8, ls='--', drawstyle='steps-mid',
+                                        label='uniform over tokens, spread over their steps')
+        top = max(c1, 0 if flat is None else flat.max().item())
         ax2.set_ylim(base, top + 0.08 * (top - base or 1))
-        ax2.set_ylabel('attention received\n' + ('(from 0)' if base == 0 else f'(from the minimum, {base:.3g}:\nvalues below 0 come from the bias)'))
+        ax2.set_ylabel(f'{quantity}\n' + ('(from 0)' if base == 0 else f'(from the minimum, {base:.3g}:\nvalues below 0 come from the bias)'))
         ax2.set_xlabel('Time step'); ax2.legend(loc='upper right', fontsize='x-small')
     return _finish(fig, path)
 

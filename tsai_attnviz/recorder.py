@@ -15,7 +15,7 @@ import torch
 from fastcore.basics import store_attr, listify, noop
 from fastai.callback.core import Callback, CancelFitException
 from .layers import check_input
-from .arch import swap_attention, unswap_attention, attention_layers, no_attention_error, adapter_for
+from .arch import swap_attention, unswap_attention, attention_layers, no_attention_error, adapter_for, layer_adapter, tokens_of
 from .reduce import block_size, MapReducer
 from .recording import AttnRecording, _to_dtype, _record_bytes, to_host, host_ready
 from .data import target_info, nonfinite_message
@@ -55,7 +55,7 @@ def _lr_finding(learn)->bool:
     return any(type(cb).__name__ == 'LRFinder' for cb in learn.cbs)
 
 class AttnRecorder(Callback):
-    "Record selected attention maps of ConvTranPlus attention layers while a Learner validates or predicts"
+    "Record selected attention maps of a model's attention layers (any supported family) while a Learner validates or predicts"
     order,run_valid,run_train = 60,True,True  # after the model's output is gathered; train batches only with `train=True`
     _stateattrs = ('recording', '_names', '_want', '_pending', '_batch_red', '_swapped', '_probe_batch', '_bias', '_prev', '_guarded')
 
@@ -98,6 +98,7 @@ class AttnRecorder(Callback):
         self._cur,self._forward,self._in_fit,self._probe_batch = dict(batch=0, epoch=0, split='valid'),0,False,None
         self._bias,self._prev,self._guarded,self._idle,self._len,self._said_auto = {},None,None,True,self.max_len,False
         self._on_gpu = None  # the device whose copies to the host `_keep` waits for
+        self._calls,self._nv,self._in_len = {},{},None  # calls of each layer in this forward; rows per item; input length
         if self._len == 'auto': self._len = None
 
     # `remove_cb` (also at the end of `fit(cbs=...)` and `get_preds(cbs=...)`, whatever way they end) sets `learn` to None:
@@ -186,7 +187,7 @@ class AttnRecorder(Callback):
         if not self._idle: self._end_pass(error=self._failed)
 
     def before_batch(self):
-        self._pending,self._batch_red,self._want = [],[],[]
+        self._pending,self._batch_red,self._want,self._calls = [],[],[],{}
         if self._idle or not self._swapped: return
         self._cur = dict(batch=self.iter, epoch=getattr(self.learn, 'epoch', 0), split='train' if self.training else 'valid')
         if (self.training and not self.train) or (self.every_epoch and not self.training): return  # probe recorders: the probe only
@@ -194,7 +195,7 @@ class AttnRecorder(Callback):
         xb = self.xb[0] if len(self.xb) else None
         if xb is None: return
         if self._shape is not None: self._cleanly(check_input, xb, *self._shape, f"{type(self.learn.model).__name__} in this Learner")
-        n = len(xb)
+        n, self._in_len = len(xb), xb.shape[-1]
         self._max_bs = max(self._max_bs, n)
         didx = _batch_idxs(self.dl, self.iter, n)
         if self.idxs is not None: want = [p for p in range(n) if didx[p] in self.idxs]
@@ -264,7 +265,7 @@ class AttnRecorder(Callback):
             model = self.learn.model
             was = model.training
             self._attach(model, 'probe')
-            self._want,self._pending,self._batch_red = list(zip(range(len(idxs)), idxs)),[],[]
+            self._want,self._pending,self._batch_red,self._calls,self._in_len = list(zip(range(len(idxs)), idxs)),[],[],{},x.shape[-1]
             self._cur = dict(batch=-1, epoch=epoch, split='probe')
             model.eval()
             try:
@@ -282,8 +283,8 @@ class AttnRecorder(Callback):
     # -- layers ------------------------------------------------------------------------
     def _attach(self, model, split='valid'):
         "Check the selection, then swap the selected layers in and give each a receiver"
+        adapter = adapter_for(model, 'AttnRecorder')  # an error naming the supported architectures when there is none
         found = attention_layers(model)
-        if not found: raise no_attention_error(model, 'AttnRecorder')
         byname = dict(found)
         if self.layers is None: sel = found
         else:
@@ -291,9 +292,10 @@ class AttnRecorder(Callback):
             if bad: raise ValueError(f"layers={bad} not in the model: its attention layers are {list(byname)} "
                                      f"(numbers 0..{len(found)-1}).")
             sel = [found[l] if isinstance(l, int) else (l, byname[l]) for l in listify(self.layers)]
-        for _, m in sel:
-            if self.heads is not None and any(not 0 <= h < m.n_heads for h in self.heads):
-                raise ValueError(f"heads={self.heads} but the model has {m.n_heads} heads (0..{m.n_heads - 1}).")
+        n_heads = {id(m): layer_adapter(m).n_heads(m) for _, m in sel}
+        for n, m in sel:
+            if self.heads is not None and any(not 0 <= h < n_heads[id(m)] for h in self.heads):
+                raise ValueError(f"heads={self.heads} but the model has {n_heads[id(m)]} heads (0..{n_heads[id(m)] - 1}) in layer {n}.")
         self._shape = _model_input(model)
         if split != 'probe': self._check_aggregate(sel)
         if self._swapped: return  # already swapped in this pass
@@ -302,10 +304,12 @@ class AttnRecorder(Callback):
         self._swapped = [(n, m, type(m) is not was[id(m)]) for n, m in sel]
         for n, m in sel: m.receiver = self._receive
         self._names = {id(m): n for n, m in sel}
+        self._nv = {id(m): layer_adapter(m).n_vars(model, m) for _, m in sel}  # channel-independent: rows per item
         self._agg_layer = id(sel[0][1])  # aggregates follow the first selected layer
         self._want,self._pending,self._batch_red = [],[],[]
-        self.recording.meta.update(heads=self.heads or list(range(sel[0][1].n_heads)), max_len=self._len,
-                                   bias=any(hasattr(m, 'relative_bias_table') for _, m in sel))  # eRPE: maps are softmax + bias
+        self.recording.meta.update(heads=self.heads or list(range(n_heads[id(sel[0][1])])), max_len=self._len,
+                                   bias=any(hasattr(m, 'relative_bias_table') for _, m in sel),  # eRPE: maps are softmax + bias
+                                   arch=adapter.name, maps=adapter.maps, dropout=adapter.dropout, per_var=adapter.per_var)
 
     def _detach(self):
         "Take the receivers off; give the layers swapped here their stock classes back when `restore`"
@@ -319,58 +323,75 @@ class AttnRecorder(Callback):
         "Asked by fused layers as each forward begins: the samples to record, or all of them when `layer` feeds the aggregates"
         self._new_forward(layer)
         if self._aggregating(layer): return list(range(bs))
-        return sorted({p for p, _ in self._want if p < bs})
+        nv, items = self._nv.get(id(layer), 1), {p for p, _ in self._want}
+        return [r for r in range(bs) if r // nv in items]  # rows: items × variables for channel-independent models
 
     def _new_forward(self, layer):
-        "A forward of `layer` begins: count it, and forget the last forward's bias and unfinished maps"
-        if id(layer) == self._agg_layer: self._forward += 1
-        self._bias[id(layer)] = dict(bias=None, open={})  # this forward's bias reducer; samples whose rows are coming
+        "A call of `layer` begins: count it, and forget the last call's bias and unfinished maps"
+        c = self._calls[id(layer)] = self._calls.get(id(layer), -1) + 1  # a layer may be called several times a forward (shared weights)
+        if id(layer) == self._agg_layer and c == 0: self._forward += 1
+        self._bias[id(layer)] = dict(bias=None, open={})  # this call's bias reducer; rows whose maps are coming
 
     def _aggregating(self, layer)->bool:
-        return self.aggregate is not None and self._cur['split'] == 'valid' and id(layer) == self._agg_layer  # not training, not the probe
+        # not training, not the probe; a layer called several times a forward: its first call
+        return (self.aggregate is not None and self._cur['split'] == 'valid' and id(layer) == self._agg_layer
+                and self._calls.get(id(layer), 0) == 0)
 
     def _receive(self, layer, softmax, bias, logits, start, q0=None):
-        "Reduce what is selected of rows q0.. (all rows without q0) of samples start..: softmax, logits [n, H, c, L]; bias [H, c, L] or None"
+        "Reduce what is selected of rows q0.. (all rows without q0) of batch rows start..: softmax, logits [n, H, c, Lk]; bias [H, c, Lk] or None"
         if q0 is None and start == 0: self._new_forward(layer)  # exact layers ask no `wanted`: their first call starts a forward
         agg = self._aggregating(layer)
-        want = {p: d for p, d in self._want if start <= p < start + len(softmax)}
+        nv = self._nv.get(id(layer), 1)  # channel-independent models: batch row r is item r // nv, variable r % nv
+        items = dict(self._want)
+        want = {p: items[p // nv] for p in range(start, start + len(softmax)) if p // nv in items}
         fwd = self._bias.setdefault(id(layer), dict(bias=None, open={}))
         if not (want or agg or fwd['open']): return
-        L, q0 = softmax.shape[-1], q0 or 0
-        k = block_size(L, self._len)
+        L = softmax.shape[-1]
+        # a fused layer's chunks are rows of a square map; any other call holds every query row (cross-attention: Lq != Lk)
+        Lq = L if q0 is not None and type(layer) in layer_adapter(layer).fast.values() else softmax.shape[-2]
+        q0 = q0 or 0
+        k = block_size(max(Lq, L), self._len)
         self.recording.meta.update(seq_len=L, block=k)
+        name = self._names.get(id(layer))
+        toks = self.recording.meta.setdefault('tokens', {})
+        if name not in toks and self._in_len is not None:  # what queries and keys are, in time steps of the input
+            t = tokens_of(self.learn.model, name, layer, self._in_len, Lq, L)
+            toks[name] = {w: (kind, np.asarray(sp).tolist()) for w, (kind, sp) in t.items()}
         hs = slice(None) if self.heads is None else self.heads
         with torch.no_grad():
             b = None if bias is None else bias.detach()[hs]                                  # [H, c, L]
             if b is not None:  # the bias is the same for every sample of a forward: reduce it once, as its rows first come
-                if fwd['bias'] is None: fwd['bias'] = MapReducer(L, k)
+                if fwd['bias'] is None: fwd['bias'] = MapReducer(L, k, Lq=Lq)
                 if fwd['bias'].seen == q0: fwd['bias'].add(b, q0)
             for i in range(len(softmax)):
                 p = start + i
-                if q0 == 0:  # a new sample: reduce it when it is recorded (and fits the budget) or aggregated
-                    rec = p in want and not self._full and self._fits(self._record_size(softmax.shape[1], L, k))
-                    if rec or agg: fwd['open'][p] = (MapReducer(L, k, full=k == 1, entropy=rec, stats=rec and self.stats), rec, want.get(p))
+                if q0 == 0:  # a new row of the batch: reduce it when it is recorded (and fits the budget) or aggregated
+                    rec = p in want and not self._full and self._fits(self._record_size(softmax.shape[1], Lq, L, k))
+                    if rec or agg:
+                        fwd['open'][p] = (MapReducer(L, k, full=k == 1, entropy=rec, stats=rec and self.stats, Lq=Lq), rec, want.get(p))
                 if p not in fwd['open']: continue
                 red, rec, didx = fwd['open'][p]
-                red.add(softmax[i, hs].detach(), q0, logits[i, hs].detach() if rec else None, b)   # [H, c, L]
+                lg = logits[i, hs].detach() if rec and logits is not None else None
+                red.add(softmax[i, hs].detach(), q0, lg, b)                                 # [H, c, L]
                 if not red.done: continue
                 del fwd['open'][p]
                 out = red.result(fwd['bias'])  # full map (k=1) or block means, key means: of the softmax plus the bias
                 if rec:
                     # from a GPU into pinned memory without waiting: `_keep` waits once per batch
                     r = dict(weights=to_host(out['weights'].to(self.dtype)), key_attn=to_host(out['key_attn'].to(self.dtype)),
-                             entropy=to_host(out['entropy'].float()), idx=didx, sample=p, layer=self._names.get(id(layer)),
+                             entropy=to_host(out['entropy'].float()), idx=didx, sample=p // nv, layer=name,
+                             var=p % nv if nv > 1 else None, call=self._calls.get(id(layer), 0),
                              tag=self.tag, forward=self._forward, **self._cur)
                     if self.stats: r['stats'] = to_host(out['stats'])                                # [H, 7]
                     if softmax.is_cuda: self._on_gpu = softmax.device
                     self._pending.append(r)
                 if agg: self._batch_red.append(out['weights'][None])                             # [1, H, l, l]
 
-    def _record_size(self, H, L, k):
+    def _record_size(self, H, Lq, L, k):
         "A record's arrays as meta tensors: what `_fits` counts before a map is computed"
-        h, l = H if self.heads is None else len(self.heads), -(-L // k)
+        h, lq, l = H if self.heads is None else len(self.heads), -(-Lq // k), -(-L // k)
         e = lambda *s, dtype=self.dtype: torch.empty(*s, dtype=dtype, device='meta')
-        return dict(weights=e(h, l, l), key_attn=e(h, L), entropy=e(h, L, dtype=torch.float32))
+        return dict(weights=e(h, lq, l), key_attn=e(h, L), entropy=e(h, Lq, dtype=torch.float32))
 
     def _fits(self, r):
         "Whether record `r` fits the memory budget; warn once when it does not"
@@ -386,7 +407,9 @@ class AttnRecorder(Callback):
 
     def _aggregate(self, yb, pred):
         "Add this batch's reduced maps to the running sums; maps that are not finite (NaN input) are left out"
-        red = torch.cat(self._batch_red).double()                                            # [bs, H, l, l]
+        red = torch.cat(self._batch_red).double()                                            # [bs·nv, H, l, l]
+        n = len(pred if yb is None else yb) if (pred is not None or yb is not None) else len(red)
+        if len(red) != n and len(red) % n == 0: red = red.reshape(n, -1, *red.shape[1:]).mean(1)  # an item's variables: their mean
         ok = torch.isfinite(red).flatten(1).all(1)
         red, ok = red[ok], ok.cpu()
         yb = None if yb is None else yb.cpu()[ok]
@@ -419,7 +442,7 @@ class AttnRecorder(Callback):
     def _check_aggregate(self, sel):
         "Resolve max_len='auto' for this pass, and refuse aggregates that can't be made, before anything is stored"
         L = None if self._shape is None else self._shape[1]
-        H = len(self.heads) if self.heads else sel[0][1].n_heads
+        H = len(self.heads) if self.heads else layer_adapter(sel[0][1]).n_heads(sel[0][1])
         if self.max_len != 'auto': self._len = self.max_len
         elif not (self.accumulate and self._said_auto): self._len = self._auto_len(L, H, len(sel))  # accumulated maps keep one size
         task = self._info['task']

@@ -23,7 +23,7 @@ __all__ = ['to_host', 'host_ready', 'AttnRecording']
 # %% ../nbs/02_recording.ipynb #ddc1c7a1
 _DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 _REC_ARRAYS = ('weights', 'key_attn', 'entropy', 'input', 'pred')
-_REC_SCALARS = ('target', 'idx', 'batch', 'sample', 'layer', 'tag', 'epoch', 'split', 'forward', 'block')
+_REC_SCALARS = ('target', 'idx', 'batch', 'sample', 'layer', 'tag', 'epoch', 'split', 'forward', 'block', 'var', 'call')
 
 def _to_dtype(dtype):
     if isinstance(dtype, str) and dtype in _DTYPES: return _DTYPES[dtype]
@@ -97,6 +97,13 @@ class AttnRecording:
     def forwards(self): return [r['forward'] for r in self.records]  # the recorder's count of forwards seen
     @property
     def blocks(self): return [r.get('block', self.block) for r in self.records]  # each record's block side, in time steps
+    @property
+    def vars(self): return [r.get('var') for r in self.records]  # the variable, for channel-independent models (PatchTST); else None
+    @property
+    def calls(self): return [r.get('call', 0) for r in self.records]  # which call of its layer in the forward (shared weights)
+    def tokens(self, layer:str)->dict|None: # dict(query=(kind, spans), key=(kind, spans)), spans [[start, stop], ...]
+        "What the queries and keys of `layer`'s maps are, in time steps of the input (see `tsai_attnviz.arch`); None: time steps"
+        return self.meta.get('tokens', {}).get(layer)
 
     def stats_df(self, per:str='record')->pd.DataFrame:
         "Statistics of each record per head (`per='record'`), or combined per recorded forward (`per='forward'`)"
@@ -137,13 +144,15 @@ class AttnRecording:
 
     def to_numpy(self)->dict:
         "The recording as numpy arrays (bfloat16 maps become float32; maps of several sizes stay a list)"
-        shapes = {tuple(r['weights'].shape) for r in self.records}
+        one = lambda k: len({tuple(r[k].shape) for r in self.records if r.get(k) is not None}) < 2
         d = {k: (None if v is None else _np(v)) for k, v in
-             dict(weights=self.weights if len(shapes) < 2 else None, key_attn=self.key_attn, entropy=self.entropy,
-                  inputs=self.inputs, preds=self.preds, stats=self._stack('stats') if self.records and 'stats' in self.records[0] else None).items()}
-        if len(shapes) > 1: d['weights'] = [_np(r['weights']) for r in self.records]
+             dict(weights=self.weights if one('weights') else None, key_attn=self.key_attn if one('key_attn') else None,
+                  entropy=self.entropy if one('entropy') else None, inputs=self.inputs, preds=self.preds,
+                  stats=self._stack('stats') if self.records and 'stats' in self.records[0] else None).items()}
+        for k in ('weights', 'key_attn', 'entropy'):  # layers of several sizes (cross-attention), or passes of several max_len
+            if not one(k): d[k] = [_np(r[k]) for r in self.records]
         d['targets'] = _targets_array(self.targets)
-        for k in ('idxs', 'batches', 'samples', 'epochs', 'forwards', 'blocks'): d[k] = np.array([-1 if v is None else v for v in getattr(self, k)])
+        for k in ('idxs', 'batches', 'samples', 'epochs', 'forwards', 'blocks', 'vars', 'calls'): d[k] = np.array([-1 if v is None else v for v in getattr(self, k)])
         for k in ('layers', 'tags', 'splits'): d[k] = np.array(['' if v is None else str(v) for v in getattr(self, k)])
         return d
 
@@ -159,15 +168,16 @@ def _target(a:np.ndarray): # one row of `_targets_array`
     return None if np.isnan(a) else int(a) if float(a).is_integer() else float(a)
 
 # %% ../nbs/02_recording.ipynb #943d93bf
-_FORMAT, _VERSION = 'tsai-attnviz-recording', 2  # version 2: per-record map sizes and blocks, targets of any shape
+_FORMAT, _VERSION = 'tsai-attnviz-recording', 3  # 2: per-record map sizes and blocks, targets of any shape; 3: variables, calls, token spans, per-record key sizes
 
 @patch
 def save(self:AttnRecording, path)->Path:
     "Write the recording to `path` (.npz)"
     path = Path(path)
     d = {k: v for k, v in self.to_numpy().items() if v is not None}
-    if isinstance(d.get('weights'), list):  # records of several max_len: one array each
-        for i, w in enumerate(d.pop('weights')): d[f'weights_{i}'] = w
+    for k in ('weights', 'key_attn', 'entropy'):
+        if isinstance(d.get(k), list):  # records of several sizes: one array each
+            for i, w in enumerate(d.pop(k)): d[f'{k}_{i}'] = w
     for kind, aggs in self.aggregates.items():
         if kind == 'mean': d['agg_mean_sum'], d['agg_mean_n'] = aggs[0].numpy(), np.array(aggs[1]); continue
         keys = sorted(aggs)
@@ -211,8 +221,12 @@ def _parse(d:dict, meta:dict):
                                               if k in d) if len(d[k]) != n}
     if bad: raise ValueError(f"{n} records, but arrays of other lengths: {bad}")
     t = lambda k, i, dt=None: None if k not in d else torch.from_numpy(np.array(d[k][i])).to(dt or torch.float32)
-    w = lambda i: t('weights', i, dtype) if 'weights' in d else torch.from_numpy(d[f'weights_{i}']).to(dtype)
-    recs = [dict(weights=w(i), key_attn=t('key_attn', i, dtype), entropy=t('entropy', i), input=t('inputs', i), pred=t('preds', i),
+    def w(k, i, dt=torch.float32):  # one array for every record, or one per record
+        if k in d: return t(k, i, dt)
+        return torch.from_numpy(d[f'{k}_{i}']).to(dt) if f'{k}_{i}' in d else None
+    opt = lambda k, i: None if k not in d or d[k][i] < 0 else int(d[k][i])
+    recs = [dict(weights=w('weights', i, dtype), key_attn=w('key_attn', i, dtype), entropy=w('entropy', i), input=t('inputs', i), pred=t('preds', i),
+                 var=opt('vars', i), call=opt('calls', i) or 0,
                  stats=t('stats', i), split=str(d['splits'][i]), forward=int(d['forwards'][i]) if 'forwards' in d else 0,
                  target=_target(d['targets'][i]), idx=None if d['idxs'][i] < 0 else int(d['idxs'][i]), batch=int(d['batches'][i]),
                  sample=int(d['samples'][i]), epoch=int(d['epochs'][i]), layer=str(d['layers'][i]), tag=str(d['tags'][i]) or None,

@@ -21,46 +21,50 @@ def block_size(seq_len:int, max_len:int|None)->int:
     "Side `k` of the blocks that bring `seq_len` down to at most `max_len` cells"
     return 1 if max_len is None or seq_len <= max_len else math.ceil(seq_len / max_len)
 
-def reduce_map(w:torch.Tensor, # [..., L, L]
+def reduce_map(w:torch.Tensor, # [..., Lq, L]
                max_len:int|None, # most cells per side; None keeps the full map
-              )->torch.Tensor: # [..., ceil(L/k), ceil(L/k)]
+              )->torch.Tensor: # [..., ceil(Lq/k), ceil(L/k)], k from the longer side
     "Block-average the last two dims of `w` so that neither exceeds `max_len` cells"
-    return _pool_keys(w, block_size(w.shape[-1], max_len), keys=False)[0]
+    return _pool_keys(w, block_size(max(w.shape[-2:]), max_len), keys=False)[0]
 
-def _pool_keys(m:torch.Tensor, # [..., L, L]
+def _pool_keys(m:torch.Tensor, # [..., Lq, L] (queries need not be as many as keys: cross-attention)
                k:int, # block side
                keys:bool=True, # also return the mean over queries
-              ): # ([..., ceil(L/k), ceil(L/k)] block means, [..., L] mean over queries or None)
-    "Block means of `m`, and the attention each key receives, in one pass over `m` when `k` divides `L`"
-    L = m.shape[-1]
+              ): # ([..., ceil(Lq/k), ceil(L/k)] block means, [..., L] mean over queries or None)
+    "Block means of `m`, and the attention each key receives, in one pass over `m` when `k` divides both sides"
+    Lq, L = m.shape[-2:]
     if k == 1: return m, (m.mean(-2) if keys else None)
-    lead, n = m.shape[:-2], math.ceil(L / k)
-    if L % k:  # partial last blocks: the mean of what they cover
-        out = F.avg_pool2d(m.reshape(-1, L, L), k, k, ceil_mode=True).reshape(*lead, n, n)
+    lead, nq, n = m.shape[:-2], math.ceil(Lq / k), math.ceil(L / k)
+    if L % k or Lq % k:  # partial last blocks: the mean of what they cover
+        out = F.avg_pool2d(m.reshape(-1, Lq, L), k, k, ceil_mode=True).reshape(*lead, nq, n)
         return out, (m.mean(-2) if keys else None)
-    rows = m.reshape(*lead, n, k, L).sum(-2)                                    # [..., n, L]: sums over query blocks
-    return rows.reshape(*lead, n, n, k).sum(-1) / (k * k), (rows.sum(-2) / L if keys else None)
+    rows = m.reshape(*lead, nq, k, L).sum(-2)                                   # [..., nq, L]: sums over query blocks
+    return rows.reshape(*lead, nq, n, k).sum(-1) / (k * k), (rows.sum(-2) / Lq if keys else None)
 
-def _entropy(sm:torch.Tensor, logits:torch.Tensor)->torch.Tensor: # [..., Lq]
-    "Entropy of each softmax row, from the scores: log p = s - logsumexp(s), and logsumexp(s) = max s - log(max p)"
-    # No log over L² cells: two maxima and one batched dot product
+def _entropy(sm:torch.Tensor, logits:torch.Tensor=None)->torch.Tensor: # [..., Lq]
+    "Entropy of each row, from the scores when given: log p = s - logsumexp(s), and logsumexp(s) = max s - log(max p)"
+    if logits is None: return -torch.special.xlogy(sm, sm).sum(-1)  # a matrix that is not a softmax of scores (dropout)
+    # No log over L² cells: two maxima and one batched dot product. Masked keys (-inf scores, p = 0) add nothing.
+    if not torch.isfinite(logits).all(): logits = logits.masked_fill(sm == 0, 0)
     return logits.amax(-1) - sm.amax(-1).log() - torch.einsum('...qk,...qk->...q', sm, logits)
 
 # %% ../nbs/01_reduce.ipynb #773591f0
 class MapReducer:
     "What is kept of one sample's `[H, L, L]` map fed in chunks of query rows, in order: exact for any chunking"
     def __init__(self,
-        L:int, # keys and queries of the map
+        L:int, # keys of the map (and queries, unless `Lq` is given)
         k:int, # block side of the reduced map (see `block_size`); 1 keeps the full map
         full:bool=False, # assemble the full map: the rows as fed, plus the `bias` rows when given
         entropy:bool=False, # each query's entropy (`add` then needs the scores)
         stats:bool=False, # `head_stats` of the map plus bias (`add` then needs the scores)
+        Lq:int=None, # queries of the map, when not as many as keys (cross-attention)
     ):
         store_attr()
-        self.n,self.seen,self._one,self._acc,self._res = math.ceil(L / k),0,None,{},None
+        if Lq is None: self.Lq = L
+        self.n,self.nq,self.seen,self._one,self._acc,self._res = math.ceil(L / k),math.ceil(self.Lq / k),0,None,{},None
 
     @property
-    def done(self)->bool: return self.seen == self.L  # every row has been fed
+    def done(self)->bool: return self.seen == self.Lq  # every row has been fed
 
     def add(self,
         m:torch.Tensor, # [H, c, L], rows q0..q0+c-1 of the map (the softmax part)
@@ -71,9 +75,9 @@ class MapReducer:
         "Add rows `q0..q0+c-1`; a chunk that holds every row is reduced in one pass, as `_pool_keys` and `head_stats` do"
         c = m.shape[-2]
         if q0 != self.seen: raise ValueError(f"rows must come in order: expected a chunk starting at row {self.seen}, got {q0}.")
-        ent = _entropy(m, logits) if self.entropy or self.stats else None                  # [H, c]
+        ent = _entropy(m, logits) if self.entropy or self.stats else None                  # [H, c]: from the scores, or p·log p
         w = (m if bias is None else m + bias) if self.full or self.stats else None          # [H, c, L]
-        if c == self.L:  # the whole map at once
+        if c == self.Lq:  # the whole map at once
             red, key = _pool_keys(m, self.k)
             self._one = dict(red=red, key=key, full=w, ent=ent, stats=head_stats(w, m, ent) if self.stats else None)
         else: self._add_rows(m, q0, ent, w)
@@ -82,15 +86,15 @@ class MapReducer:
     def _add_rows(self, m, q0, ent, w):
         "Running sums over a chunk of rows: block sums, key sums, full rows, entropy, statistics"
         H, c, L = m.shape
-        a, k, n = self._acc, self.k, self.n
+        a, k, n, Lq = self._acc, self.k, self.n, self.Lq
         if not a:
             a['dtype'] = m.dtype
             a['key'] = m.new_zeros(H, L, dtype=torch.float64)
-            if k > 1: a['blocks'] = m.new_zeros(H, n, n, dtype=torch.float64)
-            if self.full: a['full'] = w.new_empty(H, L, L)
-            if ent is not None: a['ent'] = ent.new_empty(H, L)
+            if k > 1: a['blocks'] = m.new_zeros(H, self.nq, n, dtype=torch.float64)
+            if self.full: a['full'] = w.new_empty(H, Lq, L)
+            if ent is not None: a['ent'] = ent.new_empty(H, Lq)
             if self.stats: a.update(min=w.new_full((H,), math.inf), max=w.new_full((H,), -math.inf),
-                                    sum=m.new_zeros(H, dtype=torch.float64), rowsum=w.new_empty(H, L), dist=m.new_empty(H, L))
+                                    sum=m.new_zeros(H, dtype=torch.float64), rowsum=w.new_empty(H, Lq), dist=m.new_empty(H, Lq))
         rows = slice(q0, q0 + c)
         # sums as products with ones (one pass, vectorised, about 4x faster here than sum over a middle or a short last
         # dim), in float32 or float64 whatever autocast would choose
@@ -114,7 +118,7 @@ class MapReducer:
         bias:MapReducer=None, # the finished reducer of a bias added to every map: its block and key means are added
     )->dict: # weights [H, l, l] (the full map when k=1), key_attn [H, L], entropy [H, L] or None, stats [H, 7] or None
         "The reduced map, key means, entropy and statistics; call when `done`"
-        if not self.done: raise ValueError(f"{self.seen} of {self.L} rows fed: the map is not complete.")
+        if not self.done: raise ValueError(f"{self.seen} of {self.Lq} rows fed: the map is not complete.")
         if bias is None and self._res is not None: return self._res
         b = None if bias is None else bias.result()
         if self._one is not None:
@@ -123,17 +127,17 @@ class MapReducer:
             if self.k > 1: w = red if b is None else red + b['weights']
             else: w = red if full is None else full.clone() if b is None else full  # `m` may be the layer's own buffer
             return dict(weights=w, key_attn=key if b is None else key + b['key_attn'], entropy=o['ent'], stats=o['stats'])
-        a, L, k, n = self._acc, self.L, self.k, self.n
+        a, L, Lq, k, n = self._acc, self.L, self.Lq, self.k, self.n
         dt = a['dtype']
-        key = (a['key'] / L).to(dt)
+        key = (a['key'] / Lq).to(dt)
         if k == 1: red = a.get('full')
         else:
-            span = (L - torch.arange(n, device=key.device) * k).clamp(max=k).double()          # steps each block covers
-            red = (a['blocks'] / (span[:, None] * span[None])).to(dt)
+            span = lambda l, nb: (l - torch.arange(nb, device=key.device) * k).clamp(max=k).double()  # steps each block covers
+            red = (a['blocks'] / (span(Lq, self.nq)[:, None] * span(L, n)[None])).to(dt)
         w = red if k == 1 or b is None else red + b['weights']
         st = None
         if self.stats:
-            st = torch.stack([a['min'], a['max'], a['sum'] / (L * L), a['rowsum'].amin(-1), a['rowsum'].amax(-1),
+            st = torch.stack([a['min'], a['max'], a['sum'] / (Lq * L), a['rowsum'].amin(-1), a['rowsum'].amax(-1),
                               a['ent'].mean(-1), a['dist'].mean(-1)], -1).float()
         res = dict(weights=w, key_attn=key if b is None else key + b['key_attn'], entropy=a.get('ent'), stats=st)
         if bias is None: self._res = res

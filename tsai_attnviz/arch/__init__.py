@@ -17,8 +17,8 @@ import torch.nn as nn
 from ..layers import _NOT_KEPT
 
 # %% auto #0
-__all__ = ['ADAPTERS', 'ArchAdapter', 'time_spans', 'conv_spans', 'probe_spans', 'register', 'supported', 'layer_adapter',
-           'no_attention_error', 'adapters_for', 'adapter_for', 'attention_layers', 'swap_attention',
+__all__ = ['ADAPTERS', 'ArchAdapter', 'time_spans', 'conv_spans', 'probe_spans', 'spread_to_steps', 'register', 'supported',
+           'layer_adapter', 'no_attention_error', 'adapters_for', 'adapter_for', 'attention_layers', 'swap_attention',
            'unswap_attention', 'tokens_of']
 
 # %% ../../nbs/10_arch.ipynb #ar000007
@@ -70,6 +70,20 @@ def probe_spans(f, # maps an input [1, c_in, seq_len] to tokens [1, n_tokens, d]
         dep = g[0].abs().sum(0).nonzero().flatten().cpu().numpy()                           # steps this token depends on
         spans.append((dep.min(), dep.max() + 1) if len(dep) else (-1, -1))
     return np.array(spans, dtype=int).reshape(-1, 2)
+
+# %% ../../nbs/10_arch.ipynb #ar00001b
+def spread_to_steps(values, # [..., n_tokens], e.g. the attention each key token receives
+                    spans, # [n_tokens, 2], the time steps each token covers (see `ArchAdapter.tokens`)
+                    seq_len:int, # time steps of the input
+                   )->torch.Tensor: # [..., seq_len]
+    "Each token's value divided evenly over the time steps it covers, summed where tokens overlap"
+    v = torch.as_tensor(values).float()
+    sp = np.asarray(spans, dtype=int).reshape(-1, 2)
+    if len(sp) != v.shape[-1]: raise ValueError(f"{v.shape[-1]} values but {len(sp)} token spans: give one span per token.")
+    M = torch.zeros(len(sp), seq_len)                                                   # [n_tokens, seq_len]
+    for j, (a, b) in enumerate(sp):
+        if 0 <= a < b: M[j, a:min(b, seq_len)] = 1 / (min(b, seq_len) - a)
+    return torch.nan_to_num(v) @ M if not torch.isfinite(v).all() else v @ M
 
 # %% ../../nbs/10_arch.ipynb #ar000012
 ADAPTERS = []  # every registered family, in registration order
