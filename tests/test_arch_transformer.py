@@ -214,7 +214,6 @@ def test_transformer_rnn_plus_refused(arch):
 
 
 # -- a real Learner ---------------------------------------------------------------------------------------------------------
-@pytest.mark.xfail(reason='needs recorder support', strict=False)
 def test_learner_records_and_draws(bm_data, tmp_path):
     "A TransformerModel Learner on BasicMotions: recorded maps equal torch's MultiheadAttention on the inputs recorded"
     from tsai_attnviz.recorder import AttnRecorder
@@ -229,6 +228,8 @@ def test_learner_records_and_draws(bm_data, tmp_path):
     r0 = rec.filter(layer='transformer_encoder.layers.0')
     assert len(r0) == 16 and r0.weights.shape == (16, 2, 100, 100)
     torch.testing.assert_close(r0.weights.float(), mha_maps(stock, r0.inputs.float(), 0), rtol=0, atol=1e-5)
+    assert rec.meta['maps'] == 'recomputed' and rec.meta['tokens']['transformer_encoder.layers.0']['key'] == \
+           ('time step', [[i, i + 1] for i in range(100)])
     fig = learn.show_attention()
     fig.savefig('/tmp/transformer_show_attention.png')
     no_leftovers(learn.model)
