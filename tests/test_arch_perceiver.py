@@ -185,8 +185,6 @@ def test_learner_records_and_draws(perceiver_learner, tmp_path):
     learn.export(tmp_path/'learner.pkl')
     assert b'tsai_attnviz' not in (tmp_path/'learner.pkl').read_bytes()
 
-@pytest.mark.xfail(reason="recording.meta['heads'] is the first selected layer's heads: 1 (cross-attention) where the "
-                          "self-attention has 2", strict=False)
 def test_learner_draws_a_layer_with_more_heads_than_the_first(perceiver_learner):
     from tsai_attnviz.recorder import AttnRecorder
     import tsai_attnviz.learner  # noqa: F401

@@ -378,6 +378,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                          'tsai_attnviz/recording.py'),
                                         'tsai_attnviz.recording.AttnRecording.heads': ( 'recording.html#attnrecording.heads',
                                                                                         'tsai_attnviz/recording.py'),
+                                        'tsai_attnviz.recording.AttnRecording.heads_of': ( 'recording.html#attnrecording.heads_of',
+                                                                                           'tsai_attnviz/recording.py'),
                                         'tsai_attnviz.recording.AttnRecording.idxs': ( 'recording.html#attnrecording.idxs',
                                                                                        'tsai_attnviz/recording.py'),
                                         'tsai_attnviz.recording.AttnRecording.inputs': ( 'recording.html#attnrecording.inputs',

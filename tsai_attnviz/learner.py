@@ -143,7 +143,7 @@ def show_attention(self:Learner,
     if layer == 'all': return _show_layers(self, rec, head, idx, batch, sample, view, shared_scale, path,
                                            epoch=epoch, forward=forward, tag=tag, var=var, **kwargs)
     name, recs = _pick(rec, layer, idx, batch, sample, epoch=epoch, forward=forward, tag=tag, var=var, call=call)
-    heads, info, tokens = rec.heads, _info(self, rec), rec.tokens(name)
+    heads, info, tokens = rec.heads_of(name), _info(self, rec), rec.tokens(name)
     _check_head(head, heads)
     titles = [_titles(info, r) for r in recs]
     if view == 'series':
@@ -167,6 +167,9 @@ def _series(r, tokens, head, heads, path, **kwargs):
     if r.get('var') is not None: x, names = x[r['var']][None], [f"var {r['var']}"]
     key = None if tokens is None else tokens['key']
     spans = None if _steps(key) else key[1]
+    if key is not None and all(s < 0 for s, _ in key[1]):
+        raise ValueError(f"The keys of layer {r['layer']} are {key[0]}s, not time steps: view='series' has nothing to draw over "
+                         "the input. Draw its heatmap, or the series view of a layer whose keys are time steps (a cross-attention).")
     if spans is not None:  # attention to tokens that cover no time step (a cls token, padding) has no place on the time axis
         a = r['key_attn'].float()
         a = a.mean(0) if head is None else a[heads.index(head)]
@@ -184,7 +187,7 @@ def _show_layers(learn, rec, head, idx, batch, sample, view, shared_scale, path,
     same = lambda r: all(r.get(k) == r0.get(k) for k in ('batch', 'sample', 'forward', 'split', 'epoch', 'tag', 'var'))
     order = list(dict.fromkeys(rec.layers))
     rows = sorted((r for r in rec.records if same(r)), key=lambda r: (order.index(r['layer']), r.get('call', 0)))
-    heads, info = rec.heads, _info(learn, rec)
+    heads, info = max((rec.heads_of(r['layer']) for r in rows), key=len), _info(learn, rec)
     _check_head(head, heads)
     where_, labels = _titles(info, dict(r0, call=0))
     def name(r):  # long module paths wrapped at dots, so that rows keep their room
@@ -243,7 +246,7 @@ def show_attention_evolution(self:Learner,
     if idx not in probe: raise IndexError(f"idx={idx} is not a probe item: the probe is {probe}.")
     name, _ = _pick(rec, layer, [idx], None, None)
     recs = sorted((r for r in rec.records if r['idx'] == idx and r['layer'] == name), key=lambda r: r['epoch'])
-    heads, epochs = rec.heads, [r['epoch'] for r in recs]
+    heads, epochs = rec.heads_of(name), [r['epoch'] for r in recs]
     _check_head(head, heads)
     w = torch.stack([r['weights'] for r in recs]).float()                                  # [E, H, l, l]
     lab = [f'Epoch {e}' + (' (before training)' if e == 0 else '') for e in epochs]

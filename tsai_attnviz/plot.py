@@ -120,13 +120,14 @@ def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l], or a l
     n, m = len(w), len(cols)
     if fig is None: fig = plt.figure(figsize=(panel_size * m + 1, panel_size * n + 0.6), layout='constrained')
     axs = fig.subplots(n, m, squeeze=False)
-    sel = torch.cat([x[cols].flatten() for x in w])
+    sel = torch.cat([x[[c for c in cols if c < len(x)]].flatten() for x in w])
     fin = sel[torch.isfinite(sel)]  # a map that is not finite (NaN input) is drawn blank and does not set the scale
     vmin, vmax = (fin.min().item(), fin.max().item()) if shared_scale and len(fin) else (None, None)
     same = all(t == toks[0] for t in toks)  # rows over the same tokens share the bottom row's key axis
     for i in range(n):
         for j, c in enumerate(cols):
             ax = axs[i, j]
+            if c >= len(w[i]): ax.axis('off'); continue  # a layer with fewer heads than another in the grid
             im = _heatmap(ax, w[i][c], seq_len, vmin, vmax, tokens=toks[i])
             if i == 0: ax.set_title(f'Head {head_labels[c]}' if col_labels is None else col_labels[j])
             _label_map_axes(ax, toks[i], x=i == n - 1 or not same, y=j == 0)

@@ -310,6 +310,7 @@ class AttnRecorder(Callback):
         self.recording.meta.update(heads=self.heads or list(range(n_heads[id(sel[0][1])])), max_len=self._len,
                                    bias=any(hasattr(m, 'relative_bias_table') for _, m in sel),  # eRPE: maps are softmax + bias
                                    arch=adapter.name, maps=adapter.maps, dropout=adapter.dropout, per_var=adapter.per_var)
+        self.recording.meta.setdefault('layer_heads', {}).update({n: self.heads or list(range(n_heads[id(m)])) for n, m in sel})
 
     def _detach(self):
         "Take the receivers off; give the layers swapped here their stock classes back when `restore`"

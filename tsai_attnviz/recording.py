@@ -117,7 +117,10 @@ class AttnRecording:
         keys = ['tag', 'split', 'epoch', 'forward', 'batch', 'layer', 'head']
         return df.groupby(keys, dropna=False, sort=False).agg(STAT_COMBINE).reset_index()
     @property
-    def heads(self): return self.meta.get('heads')      # the model's head numbers kept, in order
+    def heads(self): return self.meta.get('heads')      # the model's head numbers kept, in order (of the first layer)
+    def heads_of(self, layer:str)->list: # the model's head numbers kept for `layer` (layers may have different head counts)
+        "Heads recorded for `layer`"
+        return self.meta.get('layer_heads', {}).get(layer, self.heads)
     @property
     def seq_len(self): return self.meta.get('seq_len')
     @property
