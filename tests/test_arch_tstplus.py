@@ -300,7 +300,6 @@ def test_learner_multitstplus(bm_data, tmp_path):
     assert sorted(set(r.layers)) == ['backbone.0.branches.0.encoder.layers.0.self_attn', 'backbone.0.branches.1.encoder.layers.0.self_attn']
 
 
-                          "unmasked scores are all negative is off by that max (e.g. 2.83 for 0.83)", strict=False)
 def test_learner_lsa_entropy(tsit_learn):
     "Masked scores (-inf on LSA's diagonal) give the recorded entropies of the recorded maps, computed by hand"
     rec = AttnRecorder(batches=[0], samples=[0], stats=True)
