@@ -106,6 +106,7 @@ def _one_value(learn, X, y)->bool:
 def write_figures(learn, out:Path, idxs:list, head:int=0, X=None, y=None, max_len:int=256,
                   max_classes:int=6, # per-class mean maps up to this many classes; past it, one mean over all
                   html:bool=True, # also write the interactive report, attention_report.html
+                  part:str='effective', # the part of the maps drawn: 'effective', 'softmax' or 'bias' (see `AttnRecording.part`)
                  )->dict:
     "Record `idxs` (of `X`, else the validation set) and write the head grid, the over-the-series views, the seed heatmap and the recording"
     import matplotlib; matplotlib.use('Agg')
@@ -124,13 +125,19 @@ def write_figures(learn, out:Path, idxs:list, head:int=0, X=None, y=None, max_le
     learn.get_preds(dl=dl, cbs=[rec], reorder=False)
     learn.add_cb(rec)  # show_attention draws from the attached recorder's recording
     try:
-        files = {'grid': out/'attention_grid.png', 'heatmap': out/f'attention_head{head}.png', 'means': out/f'attention_{agg}.png'}
-        learn.show_attention(idx=idxs, path=files['grid'])
-        learn.show_attention(head=head, idx=idxs[0], path=files['heatmap'])
-        learn.show_attention(aggregate=agg, path=files['means'])
+        sfx = '' if part == 'effective' else f'_{part}'
+        files = {'grid': out/f'attention_grid{sfx}.png', 'heatmap': out/f'attention_head{head}{sfx}.png', 'means': out/f'attention_{agg}{sfx}.png'}
+        learn.show_attention(idx=idxs, path=files['grid'], part=part)
+        learn.show_attention(head=head, idx=idxs[0], path=files['heatmap'], part=part)
+        learn.show_attention(aggregate=agg, path=files['means'], part=part)
+        if rec.recording.biases and part == 'effective':  # eRPE: the bias can dominate the maps; show what the input changed, and the bias
+            files['grid, softmax part'] = out/'attention_grid_softmax.png'
+            learn.show_attention(idx=idxs, path=files['grid, softmax part'], part='softmax')
+            files['bias part'] = out/'attention_bias.png'
+            learn.show_attention(idx=idxs[0], path=files['bias part'], part='bias')
         for i in idxs:
-            files[f'series {i}'] = out/f'attention_series_idx{i}.png'
-            learn.show_attention(view='series', idx=i, path=files[f'series {i}'])
+            files[f'series {i}'] = out/f'attention_series_idx{i}{sfx}.png'
+            learn.show_attention(view='series', idx=i, path=files[f'series {i}'], part='effective' if part == 'bias' else part)
         if html:
             import tsai_attnviz.report  # noqa: F401 (patches Learner.attention_report)
             files['report'] = learn.attention_report(out/'attention_report.html', idx=idxs).path
@@ -168,7 +175,7 @@ def _demo(a):
     else:
         yv = np.asarray(y)[splits[1]]
         idxs = [int(np.flatnonzero(yv == c)[0]) for c in np.unique(yv)][:a.max_classes]  # one valid item per class
-    _report(write_figures(learn, Path(a.out), idxs, head=a.head, max_len=a.max_len, max_classes=a.max_classes, html=a.html))
+    _report(write_figures(learn, Path(a.out), idxs, head=a.head, max_len=a.max_len, max_classes=a.max_classes, html=a.html, part=a.part))
     if a.export: learn.export(Path(a.out).resolve()/'learner.pkl'); print(f"  learner: {Path(a.out)/'learner.pkl'}")
 
 def _show(a):
@@ -200,7 +207,7 @@ def _show(a):
         from tsai_attnviz.fast import fast_attention
         fast_attention(learn.model)
     print(f"{p.name}: {adapter.name} ({type(learn.model).__name__}) for [n, {shape[0]}, {shape[1]}]; data {list(X.shape)}", flush=True)
-    _report(write_figures(learn, Path(a.out), idxs, head=a.head, X=X, y=y, max_len=a.max_len, html=a.html))
+    _report(write_figures(learn, Path(a.out), idxs, head=a.head, X=X, y=y, max_len=a.max_len, html=a.html, part=a.part))
 
 def _check_head(head, model):
     "A `CLIError` unless `head` is one of the model's heads"
@@ -238,6 +245,9 @@ def _parser():
     d.add_argument('--export', action='store_true', help='also write learner.pkl (learn.export) to --out')
     s = sub.add_parser('show', help="the same figures for your exported learner (learn.export()) and data")
     for q in (d, s):
+        q.add_argument('--part', default='effective', choices=('effective', 'softmax', 'bias'),
+                       help="the part of the maps drawn: effective (what multiplies the values), softmax (what the input changed), "
+                            "bias (eRPE's input-independent bias); with eRPE, 'effective' also writes the softmax and bias parts")
         q.add_argument('--html', action=argparse.BooleanOptionalAction, default=True,
                        help='write the interactive report attention_report.html (one offline file); --no-html: skip it')
         q.add_argument('--fast', action='store_true', help='fused attention (fast_attention): no L x L map is built in training or '

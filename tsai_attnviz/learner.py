@@ -15,7 +15,7 @@ from fastcore.basics import patch, listify
 from fastai.learner import Learner
 from .data import check_X, target_info, item_title, decode_target, class_index
 from .recorder import AttnRecorder, _model_input
-from .recording import AttnRecording
+from .recording import AttnRecording, PARTS
 from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, plot_attention_stats, _check_index, _finish, _steps
 
 # %% auto #0
@@ -105,9 +105,13 @@ def _pick(rec:AttnRecording, layer, idx, batch, sample, **where):
             out.append(latest([r for r in recs if r['batch'] == b and r['sample'] == s]))
     return name, out
 
-def _cbar_label(rec)->str:
-    "What the colour shows: the effective matrix, which with eRPE is softmax plus the input-independent bias"
+def _cbar_label(rec, part:str='effective')->str:
+    "What the colour shows: the effective matrix (with eRPE: softmax plus the input-independent bias), or one of its parts"
+    if part == 'softmax': return 'softmax part (what the input changed)' if rec.meta.get('bias') else 'attention (softmax)'
+    if part == 'bias': return 'relative bias (eRPE): the same for every input'
     return 'attention: softmax + relative bias (eRPE)' if rec.meta.get('bias') else 'attention (softmax)'
+
+_PART_TITLE = dict(effective='', softmax=' · softmax part', bias=' · bias part')
 
 @patch
 def show_attention(self:Learner,
@@ -116,7 +120,11 @@ def show_attention(self:Learner,
                    idx=None, # dataset index (or list), instead of batch/sample
                    batch=None, # recorded batch number (or list); default: the first recorded
                    sample=None, # position within the batch (or list); default: the first recorded
-                   view:str='heatmap', # 'heatmap' or 'series' (the input with the attention each step receives)
+                   view:str='heatmap', # 'heatmap', 'series' (the input with the attention each step receives) or 'relevance'
+                   part:str='effective', # 'effective' (what multiplies the values), 'softmax' (what the input changed) or 'bias' (eRPE's, input-independent)
+                   query=None, # view='series': a time step (or list) whose row is drawn (what it attends to), instead of what each step receives
+                   relative_to:str=None, # 'class' or 'mean': draw the item's map minus its class's (or every item's) mean map
+                   method:str='attention', # view='relevance': see `Learner.relevance`
                    aggregate:str=None, # 'mean', 'class' or 'bins': the mean maps recorded with AttnRecorder(aggregate=...)
                    classes=None, # with aggregate='class': the classes to draw, as labels (vocab names, e.g. GunPoint's 1); None: all
                    epoch:int=None, forward:int=None, tag=None, # which pass to draw when several recorded an item (default: the latest)
@@ -127,41 +135,97 @@ def show_attention(self:Learner,
                    max_len:int=500, # when recording here: reduce maps to at most this many cells a side (screen size)
                    path=None, # write a PNG here
                    **kwargs)->plt.Figure:
-    "Plot recorded attention maps: one head, a grid of heads, items × heads, the over-the-series view or mean maps"
-    if view not in ('heatmap', 'series'): raise ValueError(f"view={view!r}: use 'heatmap' or 'series'.")
+    "Plot recorded attention maps: one head, a grid of heads, items × heads, the over-the-series view, relevance or mean maps"
+    if view not in ('heatmap', 'series', 'relevance'): raise ValueError(f"view={view!r}: use 'heatmap', 'series' or 'relevance'.")
+    if part not in PARTS: raise ValueError(f"part={part!r}: use one of {', '.join(map(repr, PARTS))}.")
+    if relative_to not in (None, 'class', 'mean'): raise ValueError(f"relative_to={relative_to!r}: use 'class', 'mean' or None.")
+    if query is not None and view != 'series': raise ValueError("query=... draws a row of the map over the input: pass view='series'.")
+    if view == 'relevance':
+        from tsai_attnviz.relevance import show_relevance  # relevance runs the model: a module of its own
+        return show_relevance(self, idx=0 if idx is None else idx, X=X, method=method, path=path, **kwargs)
     cb = _recorder(self)
     rec = cb.recording if cb is not None else None
     if aggregate is not None:
         if aggregate not in ('mean', 'class', 'bins'): raise ValueError(f"aggregate={aggregate!r}: use 'mean', 'class' or 'bins'.")
         if rec is None or not rec.aggregates or dl is not None or X is not None:
             rec = self.record_attention(dl=dl, X=X, y=y, batches=None, samples=[], aggregate=aggregate, max_len=max_len)
-        return _show_aggregate(self, rec, aggregate, head, shared_scale, path, classes)
+        return _show_aggregate(self, rec, aggregate, head, shared_scale, path, classes, part)
     if rec is None or not len(rec) or dl is not None or X is not None:
         sel = dict(idxs=listify(idx)) if idx is not None else dict(batches=listify(batch or 0), samples=listify(sample or 0))
         rec = self.record_attention(dl=dl, X=X, y=y, max_len=max_len, **sel)
         if not len(rec): raise IndexError(f"Nothing recorded for {sel}: the data has fewer batches or items than that.")
-    if layer == 'all': return _show_layers(self, rec, head, idx, batch, sample, view, shared_scale, path,
+    if layer == 'all': return _show_layers(self, rec, head, idx, batch, sample, view, shared_scale, path, part,
                                            epoch=epoch, forward=forward, tag=tag, var=var, **kwargs)
     name, recs = _pick(rec, layer, idx, batch, sample, epoch=epoch, forward=forward, tag=tag, var=var, call=call)
     heads, info, tokens = rec.heads_of(name), _info(self, rec), rec.tokens(name)
     _check_head(head, heads)
     titles = [_titles(info, r) for r in recs]
+    what = 'mean over heads' if head is None else f'Head {head}'
+    if part == 'bias':  # input-independent: one map, whatever the items
+        r = recs[0]
+        b = rec.part(r, 'bias')[None]
+        t = f"Bias part of {name} (eRPE): input-independent, the same for every item"
+        if head is not None: return plot_attention_weights([b], 0, 0, heads.index(head), seq_len=rec.seq_len, path=path, tokens=tokens,
+                                                           cbar_label=_cbar_label(rec, 'bias'), title=f"{t}\nHead {head}", **kwargs)
+        return plot_head_grid(b, head_labels=heads, row_labels=['every item'], seq_len=rec.seq_len, suptitle=t, path=path,
+                              cbar_label=_cbar_label(rec, 'bias'), tokens=tokens, diverging=True, **kwargs)
     if view == 'series':
         if len(recs) > 1: raise ValueError("view='series' draws one item: pass a single idx, or batch and sample.")
         where, labels = titles[0]
-        return _series(recs[0], tokens, head, heads, path, title=f"{labels} · {where} · " + ('mean over heads' if head is None else f'Head {head}'), **kwargs)
+        return _series(rec, recs[0], tokens, head, heads, path, part=part, query=query,
+                       title=f"{labels} · {where} · {what}{_PART_TITLE[part]}", **kwargs)
     if len({tuple(r['weights'].shape) for r in recs}) > 1:
         raise ValueError("The selected records hold maps of different sizes (passes with another max_len): choose one pass with "
                          "forward=... or epoch=..., or draw them one at a time.")
-    w = torch.stack([r['weights'] for r in recs]).float()                 # [n, H, l, l]
+    w = torch.stack([rec.part(r, part) for r in recs]).float()                 # [n, H, l, l]
+    label, sup = _cbar_label(rec, part), f'Attention of {name}{_PART_TITLE[part]}'
+    if relative_to is not None:  # what is specific to each item: its map minus its class's (or every item's) mean
+        w = w - _reference_maps(self, rec, recs, relative_to, part, name)
+        label, sup = f"{label}\nminus the {'class' if relative_to == 'class' else 'mean over items'}'s mean map", sup + f' · minus the {relative_to} mean'
     if head is not None and len(recs) == 1:
-        return plot_attention_weights([w], 0, 0, heads.index(head), seq_len=rec.seq_len, path=path, cbar_label=_cbar_label(rec), tokens=tokens,
-                                      title=f"{name}, Head {head}\n{titles[0][0]}\n{titles[0][1]}", **kwargs)
+        return plot_attention_weights([w], 0, 0, heads.index(head), seq_len=rec.seq_len, path=path, cbar_label=label, tokens=tokens,
+                                      title=f"{name}, Head {head}{_PART_TITLE[part]}\n{titles[0][0]}\n{titles[0][1]}",
+                                      diverging=relative_to is not None, **kwargs)
     return plot_head_grid(w, heads=None if head is None else [head], head_labels=heads, row_labels=['\n'.join(t) for t in titles],
-                          seq_len=rec.seq_len, shared_scale=shared_scale, suptitle=f'Attention of {name}', path=path,
-                          cbar_label=_cbar_label(rec), tokens=tokens, **kwargs)
+                          seq_len=rec.seq_len, shared_scale=shared_scale, suptitle=sup, path=path,
+                          cbar_label=label, tokens=tokens, diverging=relative_to is not None, **kwargs)
 
-def _series(r, tokens, head, heads, path, **kwargs):
+def _reference_maps(learn, rec, recs, relative_to, part, name)->torch.Tensor: # [n, H, l, l]
+    "Each record's class mean map (or the mean over items), recorded on the spot when the recording has none, at the same block size"
+    kind = 'class' if relative_to == 'class' else 'mean'
+    if kind == 'class' and _info(learn, rec)['task'] != 'classification':
+        raise ValueError("relative_to='class' needs a classifier; this Learner is a regression: use relative_to='mean'.")
+    src = rec if kind in rec.aggregates else learn.record_attention(batches=None, samples=[], aggregate=kind, max_len=rec.meta.get('max_len'))
+    out = []
+    for r in recs:
+        if kind == 'class':
+            c = r['target'] if isinstance(r['target'], int) else int(r['pred'].argmax()) if r['pred'] is not None else None
+            if c not in src.aggregates.get('class', {}): raise ValueError(f"No mean map for class {c}: the pass recorded classes {sorted(src.aggregates.get('class', {}))}.")
+            m = src.mean_map(c)
+        else: m = src.mean_map()
+        if part == 'softmax' and (b := src.bias(name)) is not None: m = m - b['weights']
+        if m.shape != r['weights'].shape:
+            raise ValueError(f"The mean maps are {list(m.shape)} and the item's map {list(r['weights'].shape)}: record both with the "
+                             "same max_len (AttnRecorder(aggregate=..., max_len=...)).")
+        out.append(m.float())
+    return torch.stack(out)
+
+def _query_rows(m, r, tokens, query, L)->tuple: # ([H, n_k] mean row of the queries, [time steps])
+    "The rows of map `m` [H, lq, lk] (block-averaged by the record's block) of the tokens that hold time steps `query`"
+    k, qs = r.get('block', 1), [int(t) for t in listify(query)]
+    qspans = tokens['query'][1] if tokens is not None else [[t, t + 1] for t in range(L)]
+    n_k = len(tokens['key'][1]) if tokens is not None else L
+    rows = []
+    for t in qs:
+        if not 0 <= t < L: raise IndexError(f"query={t} is out of range: the input has {L} time steps (0..{L - 1}).")
+        j = next((j for j, (a, b) in enumerate(qspans) if a <= t < b), None)
+        if j is None: raise ValueError(f"time step {t} is covered by no query token of layer {r['layer']} (its queries are "
+                                       f"{tokens['query'][0]}s): draw the heatmap instead.")
+        rows.append(j // k)
+    row = m[:, rows].mean(1)                                                     # [H, lk]: block means over keys
+    return row.repeat_interleave(k, -1)[..., :n_k], qs                           # [H, n_k]: each key token its block's mean
+
+def _series(rec, r, tokens, head, heads, path, part='effective', query=None, **kwargs):
     "The over-the-series view of record `r`: its input (its variable, for channel-independent models), keys spread over their steps"
     x, names = r['input'], None
     if r.get('var') is not None: x, names = x[r['var']][None], [f"var {r['var']}"]
@@ -170,15 +234,20 @@ def _series(r, tokens, head, heads, path, **kwargs):
     if key is not None and all(s < 0 for s, _ in key[1]):
         raise ValueError(f"The keys of layer {r['layer']} are {key[0]}s, not time steps: view='series' has nothing to draw over "
                          "the input. Draw its heatmap, or the series view of a layer whose keys are time steps (a cross-attention).")
+    sfx = '' if part == 'effective' else f', {part} part'
+    curve, quantity = rec.part(r, part, 'key_attn').float(), f'attention received{sfx}'   # [H, n_k]
+    if query is not None:  # what the chosen time steps attend to: their rows of the map
+        curve, qs = _query_rows(rec.part(r, part).float(), r, tokens, query, x.shape[-1])
+        quantity = f"attention from step{'s' if len(qs) > 1 else ''} {', '.join(map(str, qs))}{' (mean of rows)' if len(qs) > 1 else ''}{sfx}"
     if spans is not None:  # attention to tokens that cover no time step (a cls token, padding) has no place on the time axis
-        a = r['key_attn'].float()
-        a = a.mean(0) if head is None else a[heads.index(head)]
+        a = curve.mean(0) if head is None else curve[heads.index(head)]
         off = [j for j, (s, e) in enumerate(spans) if s < 0 or e <= s]
-        if off and (share := a[off].sum().item() / a.sum().item()) > 0:
+        if off and a.sum().item() and (share := a[off].sum().item() / a.sum().item()) > 0:
             kwargs['title'] = kwargs.get('title', '') + f"\n{share:.1%} of the attention goes to tokens that cover no time step (cls, padding): not drawn"
-    return plot_attention_over_series(x, r['key_attn'], head=head, head_labels=heads, path=path, var_names=names, spans=spans, **kwargs)
+    return plot_attention_over_series(x, curve, head=head, head_labels=heads, path=path, var_names=names, spans=spans,
+                                      quantity=quantity, uniform=part != 'bias', **kwargs)
 
-def _show_layers(learn, rec, head, idx, batch, sample, view, shared_scale, path, **where):
+def _show_layers(learn, rec, head, idx, batch, sample, view, shared_scale, path, part='effective', **where):
     "Every recorded layer (and call) of one item: rows are layers, columns heads"
     if view != 'heatmap': raise ValueError("layer='all' draws heatmaps: pass view='heatmap', or one layer for view='series'.")
     _, recs = _pick(rec, 0, idx, batch, sample, **where)
@@ -194,12 +263,13 @@ def _show_layers(learn, rec, head, idx, batch, sample, view, shared_scale, path,
         parts, lines = r['layer'].split('.'), ['']
         for p_ in parts: lines[-1:] = [lines[-1] + ('.' if lines[-1] else '') + p_] if len(lines[-1]) + len(p_) < 22 else [lines[-1] + '.', p_]
         return '\n'.join(lines) + (f" (call {r['call']})" if any(o.get('call') for o in rows if o['layer'] == r['layer']) else '')
-    return plot_head_grid([r['weights'].float() for r in rows], heads=None if head is None else [head], head_labels=heads,
+    if part == 'bias': rows = [r for r in rows if rec.bias(r['layer']) is not None]
+    return plot_head_grid([rec.part(r, part).float() for r in rows], heads=None if head is None else [head], head_labels=heads,
                           row_labels=[name(r) for r in rows], tokens=[rec.tokens(r['layer']) for r in rows], seq_len=rec.seq_len,
-                          shared_scale=shared_scale, suptitle=f'Attention of every layer · {where_} · {labels}', path=path,
-                          cbar_label=_cbar_label(rec))
+                          shared_scale=shared_scale, suptitle=f'Attention of every layer{_PART_TITLE[part]} · {where_} · {labels}', path=path,
+                          cbar_label=_cbar_label(rec, part))
 
-def _show_aggregate(learn, rec, aggregate, head, shared_scale, path, classes=None):
+def _show_aggregate(learn, rec, aggregate, head, shared_scale, path, classes=None, part='effective'):
     "Mean maps over every recorded sample, one row per class (or target bin)"
     info = _info(learn, rec)
     if aggregate == 'class' and info['task'] == 'regression':
@@ -226,8 +296,14 @@ def _show_aggregate(learn, rec, aggregate, head, shared_scale, path, classes=Non
     else: maps, labels, title = rec.mean_map()[None], [f"Mean (n={rec.aggregates['mean'][1]})"], 'Mean attention'
     heads = rec.heads
     _check_head(head, heads)
+    if part != 'effective':  # the bias is the same for every item: a mean map's softmax part is the mean map minus the bias
+        b = rec.bias(rec.meta.get('agg_layer'))
+        if b is None and part == 'bias': raise ValueError("part='bias': the layer adds no bias after its softmax: draw part='effective'.")
+        if part == 'bias': maps, labels, title = b['weights'][None], ['every item'], 'Bias part (eRPE): input-independent, the same for every item'
+        elif b is not None: maps, title = maps - b['weights'].to(maps.dtype), title + ' · softmax part'
     return plot_head_grid(maps, heads=None if head is None else [head], head_labels=heads, row_labels=labels, seq_len=rec.seq_len,
-                          shared_scale=shared_scale, suptitle=title, path=path, cbar_label=_cbar_label(rec))
+                          shared_scale=shared_scale, suptitle=title, path=path, cbar_label=_cbar_label(rec, part),
+                          tokens=rec.tokens(rec.meta.get('agg_layer')))
 
 # %% ../nbs/06_learner.ipynb #aaedab8b
 @patch
@@ -235,7 +311,8 @@ def show_attention_evolution(self:Learner,
                              head:int=None, # one head (epochs as columns), or None for every head (epochs as rows)
                              idx:int=None, # probe item (default: the first)
                              layer=0, # attention layer, by number or name; 'all': every layer (rows) × heads for one item
-                             stats=('entropy', 'mean_distance', 'rowsum_min', 'rowsum_max'), # statistics to draw below; None: none
+                             stats=('entropy', 'bias_share', 'mean_distance', 'rowsum_min', 'rowsum_max'), # statistics below (bias_share: with a bias); None: none
+                             part:str='effective', # the part of the maps to draw: 'effective', 'softmax' or 'bias'
                              path=None)->plt.Figure:
     "Probe maps across epochs, with their statistics across epochs"
     cb = _recorder(self)
@@ -248,16 +325,19 @@ def show_attention_evolution(self:Learner,
     recs = sorted((r for r in rec.records if r['idx'] == idx and r['layer'] == name), key=lambda r: r['epoch'])
     heads, epochs = rec.heads_of(name), [r['epoch'] for r in recs]
     _check_head(head, heads)
-    w = torch.stack([r['weights'] for r in recs]).float()                                  # [E, H, l, l]
+    if part not in PARTS: raise ValueError(f"part={part!r}: use one of {', '.join(map(repr, PARTS))}.")
+    w = torch.stack([rec.part(r, part) for r in recs]).float()                             # [E, H, l, l]: the bias changes with training too
     lab = [f'Epoch {e}' + (' (before training)' if e == 0 else '') for e in epochs]
     n_rows, n_cols = (len(epochs), len(heads)) if head is None else (1, len(epochs))
     has_stats = bool(stats) and recs[0].get('stats') is not None
     fig = plt.figure(figsize=(2.2 * n_cols + 1.5, 2.2 * n_rows + (2.8 if has_stats else 0.6)), layout='constrained')
     top, bottom = fig.subfigures(2, 1, height_ratios=(2.2 * n_rows + 0.6, 2.8)) if has_stats else (fig, None)
-    title = f'Item {idx} of the validation set through training, {name}'
-    if head is None: plot_head_grid(w, head_labels=heads, row_labels=lab, seq_len=rec.seq_len, fig=top, suptitle=title)
-    else: plot_head_grid(w[:, heads.index(head)][None], col_labels=lab, row_labels=[f'Head {head}'], seq_len=rec.seq_len,
-                         fig=top, suptitle=title)
-    if has_stats: plot_attention_stats(rec.filter(idx=idx, layer=name).stats_df(), x='epoch', stats=list(stats),
-                                       heads=None if head is None else [head], fig=bottom)
+    title = f'Item {idx} of the validation set through training, {name}{_PART_TITLE[part]}'
+    kw = dict(seq_len=rec.seq_len, fig=top, suptitle=title, tokens=rec.tokens(name), cbar_label=_cbar_label(rec, part), diverging=part == 'bias')
+    if head is None: plot_head_grid(w, head_labels=heads, row_labels=lab, **kw)
+    else: plot_head_grid(w[:, heads.index(head)][None], col_labels=lab, row_labels=[f'Head {head}'], **kw)
+    if has_stats:
+        df = rec.filter(idx=idx, layer=name).stats_df()
+        plot_attention_stats(df, x='epoch', stats=[s for s in stats if s in df.columns],  # bias_share only where there is a bias
+                             heads=None if head is None else [head], fig=bottom)
     return _finish(fig, path)

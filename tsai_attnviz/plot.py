@@ -41,6 +41,11 @@ def _finish(fig, path):
         plt.close(fig)
     return fig
 
+def _sym(m)->float:
+    "The largest finite |value| of `m`: the half-range of a colour scale centred on 0"
+    f = _t(m)[torch.isfinite(_t(m))]
+    return max(f.abs().max().item(), 1e-12) if len(f) else 1.
+
 def _steps(tok)->bool:
     "Whether tokens `(kind, spans)` are the input's time steps one to one (or unknown, as before tokens were recorded)"
     return tok is None or (tok[0] == 'time step' and all(b - a == 1 for a, b in tok[1]))
@@ -79,6 +84,7 @@ def plot_attention_weights(attention_weights, # list (one per layer or forward) 
                            ax=None, figsize=(6, 5), path=None, title=None,
                            cbar_label:str='attention weight', # what the colour shows
                            tokens:dict=None, # what queries and keys are, when not time steps: `AttnRecording.tokens(layer)`
+                           diverging:bool=False, # values around 0 (a deviation from a mean, a bias): a blue-red scale centred on 0
                           )->plt.Figure:
     "Heatmap of `attention_weights[layer_idx][batch_idx, head_idx]` (viridis, colorbar); maps larger than the axes are block-averaged to their pixels"
     _check_index('layer_idx', layer_idx, len(attention_weights))
@@ -86,7 +92,9 @@ def plot_attention_weights(attention_weights, # list (one per layer or forward) 
     _check_index('batch_idx', batch_idx, w.shape[0])
     _check_index('head_idx', head_idx, w.shape[1])
     fig, ax = (plt.subplots(figsize=figsize) if ax is None else (ax.figure, ax))
-    im = _heatmap(ax, w[batch_idx, head_idx], seq_len, tokens=tokens)
+    m = _t(w[batch_idx, head_idx])
+    lim = _sym(m) if diverging else None
+    im = _heatmap(ax, m, seq_len, *((-lim, lim) if diverging else (None, None)), cmap='RdBu_r' if diverging else 'viridis', tokens=tokens)
     ax.set_title(title or f'Layer {layer_idx}, Head {head_idx}, Sample {batch_idx} of the batch')  # batch_idx: a sample
     _label_map_axes(ax, tokens)
     fig.colorbar(im, ax=ax, label=cbar_label)
@@ -108,6 +116,7 @@ def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l], or a l
                    fig=None, # a Figure or SubFigure to draw into
                    cbar_label:str='attention weight', # what the colour shows
                    tokens=None, # what queries and keys are (`AttnRecording.tokens(layer)`), or one such dict per row
+                   diverging:bool=False, # values around 0 (a deviation from a mean, a bias): a blue-red scale centred on 0
                    path=None)->plt.Figure:
     "Grid of heatmaps, rows samples (or classes, or layers), columns heads; maps larger than a panel are block-averaged to its pixels"
     if isinstance(weights, (list, tuple)): w = [_t(x) for x in weights]                   # rows of [H, lq, lk]
@@ -123,12 +132,15 @@ def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l], or a l
     sel = torch.cat([x[[c for c in cols if c < len(x)]].flatten() for x in w])
     fin = sel[torch.isfinite(sel)]  # a map that is not finite (NaN input) is drawn blank and does not set the scale
     vmin, vmax = (fin.min().item(), fin.max().item()) if shared_scale and len(fin) else (None, None)
+    if diverging and vmin is not None: vmax = max(abs(vmin), abs(vmax)); vmin = -vmax  # 0 is white
+    cmap = 'RdBu_r' if diverging else 'viridis'
     same = all(t == toks[0] for t in toks)  # rows over the same tokens share the bottom row's key axis
     for i in range(n):
         for j, c in enumerate(cols):
             ax = axs[i, j]
             if c >= len(w[i]): ax.axis('off'); continue  # a layer with fewer heads than another in the grid
-            im = _heatmap(ax, w[i][c], seq_len, vmin, vmax, tokens=toks[i])
+            lim = _sym(w[i][c]) if diverging and vmin is None else None
+            im = _heatmap(ax, w[i][c], seq_len, *((-lim, lim) if lim is not None else (vmin, vmax)), cmap=cmap, tokens=toks[i])
             if i == 0: ax.set_title(f'Head {head_labels[c]}' if col_labels is None else col_labels[j])
             _label_map_axes(ax, toks[i], x=i == n - 1 or not same, y=j == 0)
             if j == 0: ax.set_ylabel(('' if row_labels is None else f'{row_labels[i]}\n') + ax.get_ylabel())

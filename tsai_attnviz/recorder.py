@@ -306,6 +306,7 @@ class AttnRecorder(Callback):
         self._names = {id(m): n for n, m in sel}
         self._nv = {id(m): layer_adapter(m).n_vars(model, m) for _, m in sel}  # channel-independent: rows per item
         self._agg_layer = id(sel[0][1])  # aggregates follow the first selected layer
+        self.recording.meta['agg_layer'] = sel[0][0]
         self._want,self._pending,self._batch_red = [],[],[]
         self.recording.meta.update(heads=self.heads or list(range(n_heads[id(sel[0][1])])), max_len=self._len,
                                    bias=any(hasattr(m, 'relative_bias_table') for _, m in sel),  # eRPE: maps are softmax + bias
@@ -362,12 +363,12 @@ class AttnRecorder(Callback):
         with torch.no_grad():
             b = None if bias is None else bias.detach()[hs]                                  # [H, c, L]
             if b is not None:  # the bias is the same for every sample of a forward: reduce it once, as its rows first come
-                if fwd['bias'] is None: fwd['bias'] = MapReducer(L, k, Lq=Lq)
+                if fwd['bias'] is None: fwd['bias'] = MapReducer(L, k, Lq=Lq, full=k == 1)  # kept whole at k=1: the recording keeps it
                 if fwd['bias'].seen == q0: fwd['bias'].add(b, q0)
             for i in range(len(softmax)):
                 p = start + i
                 if q0 == 0:  # a new row of the batch: reduce it when it is recorded (and fits the budget) or aggregated
-                    rec = p in want and not self._full and self._fits(self._record_size(softmax.shape[1], Lq, L, k))
+                    rec = p in want and not self._full and self._fits(self._record_size(softmax.shape[1], Lq, L, k, b is not None))
                     if rec or agg:
                         fwd['open'][p] = (MapReducer(L, k, full=k == 1, entropy=rec, stats=rec and self.stats, Lq=Lq), rec, want.get(p))
                 if p not in fwd['open']: continue
@@ -377,6 +378,10 @@ class AttnRecorder(Callback):
                 if not red.done: continue
                 del fwd['open'][p]
                 out = red.result(fwd['bias'])  # full map (k=1) or block means, key means: of the softmax plus the bias
+                by = self.recording.biases.setdefault(name, {}) if b is not None else None
+                if by is not None and (self._cur['epoch'] not in by or self._cur['split'] == 'train'):
+                    bo = fwd['bias'].result()  # the layer's bias once a pass and epoch (training changes it: the latest is kept)
+                    by[self._cur['epoch']] = dict(weights=to_host(bo['weights'].float()), key_attn=to_host(bo['key_attn'].float()))
                 if rec:
                     # from a GPU into pinned memory without waiting: `_keep` waits once per batch
                     r = dict(weights=to_host(out['weights'].to(self.dtype)), key_attn=to_host(out['key_attn'].to(self.dtype)),
@@ -384,15 +389,16 @@ class AttnRecorder(Callback):
                              var=p % nv if nv > 1 else None, call=self._calls.get(id(layer), 0),
                              tag=self.tag, forward=self._forward, **self._cur)
                     if self.stats: r['stats'] = to_host(out['stats'])                                # [H, 7]
+                    if b is not None: r['softmax'] = to_host(out['softmax'].to(self.dtype))          # softmax + bias == weights
                     if softmax.is_cuda: self._on_gpu = softmax.device
                     self._pending.append(r)
                 if agg: self._batch_red.append(out['weights'][None])                             # [1, H, l, l]
 
-    def _record_size(self, H, Lq, L, k):
+    def _record_size(self, H, Lq, L, k, biased=False):
         "A record's arrays as meta tensors: what `_fits` counts before a map is computed"
         h, lq, l = H if self.heads is None else len(self.heads), -(-Lq // k), -(-L // k)
         e = lambda *s, dtype=self.dtype: torch.empty(*s, dtype=dtype, device='meta')
-        return dict(weights=e(h, lq, l), key_attn=e(h, L), entropy=e(h, Lq, dtype=torch.float32))
+        return dict(weights=e(h, lq, l), softmax=e(h, lq, l) if biased else None, key_attn=e(h, L), entropy=e(h, Lq, dtype=torch.float32))
 
     def _fits(self, r):
         "Whether record `r` fits the memory budget; warn once when it does not"
@@ -445,7 +451,7 @@ class AttnRecorder(Callback):
         L = None if self._shape is None else self._shape[1]
         H = len(self.heads) if self.heads else layer_adapter(sel[0][1]).n_heads(sel[0][1])
         if self.max_len != 'auto': self._len = self.max_len
-        elif not (self.accumulate and self._said_auto): self._len = self._auto_len(L, H, len(sel))  # accumulated maps keep one size
+        elif not (self.accumulate and self._said_auto): self._len = self._auto_len(L, H, len(sel), any(hasattr(m, 'relative_bias_table') for _, m in sel))  # accumulated maps keep one size
         task = self._info['task']
         if self.aggregate == 'class' and task == 'regression':
             raise ValueError("aggregate='class' groups maps by class, but this Learner is a regression (its targets are values): "
@@ -462,7 +468,7 @@ class AttnRecorder(Callback):
                                  "passes, or aggregate with a new recorder.")
             self.recording.meta['agg_block'] = k
 
-    def _auto_len(self, L, H, n_layers):
+    def _auto_len(self, L, H, n_layers, biased=False):
         "max_len='auto': None (full maps) when what this pass records fits max_mem, else the largest side that fits"
         if L is None: return None
         dl = self.learn.dl
@@ -474,7 +480,7 @@ class AttnRecorder(Callback):
         groups = 0 if not self.aggregate else 1 + len(self._info.get('vocab') or []) + (self.bins if isinstance(self.bins, int) else 4)
         item = torch.finfo(self.dtype).bits // 8
         budget = self.max_mem * 2**20 - self._used - n * 2 * H * L * 4  # key attention and entropy stay at full resolution
-        per_cell = H * (n * item + groups * 8)                             # records, and the float64 sums of mean maps
+        per_cell = H * (n * item * (2 if biased else 1) + groups * 8)     # records (and their softmax parts), the float64 sums of mean maps
         if per_cell == 0 or budget >= per_cell * L * L: return None
         side = max(int(math.sqrt(max(budget, 0) / per_cell)), 1)
         if not self._said_auto:

@@ -18,11 +18,12 @@ from fastcore.basics import patch
 from .layers import STAT_NAMES, STAT_COMBINE
 
 # %% auto #0
-__all__ = ['to_host', 'host_ready', 'AttnRecording']
+__all__ = ['PARTS', 'to_host', 'host_ready', 'AttnRecording']
 
 # %% ../nbs/02_recording.ipynb #ddc1c7a1
 _DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
-_REC_ARRAYS = ('weights', 'key_attn', 'entropy', 'input', 'pred')
+_REC_ARRAYS = ('weights', 'softmax', 'key_attn', 'entropy', 'input', 'pred')
+PARTS = ('effective', 'softmax', 'bias')  # the parts of a map (see `AttnRecording.part`)
 _REC_SCALARS = ('target', 'idx', 'batch', 'sample', 'layer', 'tag', 'epoch', 'split', 'forward', 'block', 'var', 'call')
 
 def _to_dtype(dtype):
@@ -42,14 +43,15 @@ def host_ready(device=None):
     "Wait for the copies `to_host` started on `device`'s current stream (nothing to wait for on the CPU)"
     if torch.cuda.is_available() and (device is None or torch.device(device).type == 'cuda'): torch.cuda.current_stream(device).synchronize()
 
-def _record_bytes(r): return sum(r[k].numel() * r[k].element_size() for k in ('weights', 'key_attn', 'entropy'))
+def _record_bytes(r): return sum(r[k].numel() * r[k].element_size() for k in ('weights', 'softmax', 'key_attn', 'entropy') if r.get(k) is not None)
 
 class AttnRecording:
     "Recorded attention maps with the inputs, targets, predictions and indices that go with them"
     def __init__(self, records:list=None, # one dict per (sample, layer): see `_REC_ARRAYS` and `_REC_SCALARS`
                  aggregates:dict=None, # {'mean': (sum, count), 'class': {cls: (sum, count)}} over whole passes
-                 meta:dict=None): # seq_len, block, max_len, heads
-        self.records,self.aggregates,self.meta = records or [],aggregates or {},meta or {}
+                 meta:dict=None, # seq_len, block, max_len, heads
+                 biases:dict=None): # {layer: {epoch: dict(weights=[H, l, l], key_attn=[H, L])}}: an input-independent bias (eRPE), once per layer
+        self.records,self.aggregates,self.meta,self.biases = records or [],aggregates or {},meta or {},biases or {}
 
     def __len__(self): return len(self.records)
     @property
@@ -108,14 +110,35 @@ class AttnRecording:
     def stats_df(self, per:str='record')->pd.DataFrame:
         "Statistics of each record per head (`per='record'`), or combined per recorded forward (`per='forward'`)"
         rows = [dict(tag=r['tag'], split=r['split'], epoch=r['epoch'], forward=r['forward'], batch=r['batch'],
-                     sample=r['sample'], idx=r['idx'], layer=r['layer'], head=h, **dict(zip(STAT_NAMES, st.tolist())))
-                for r in self.records if r.get('stats') is not None for h, st in zip(self.heads, r['stats'])]
+                     sample=r['sample'], idx=r['idx'], layer=r['layer'], head=h, **dict(zip(STAT_NAMES, st.tolist())),
+                     **({} if self.bias(r['layer']) is None else dict(bias_share=self._bias_share(r, j)[2])))
+                for r in self.records if r.get('stats') is not None for j, (h, st) in enumerate(zip(self.heads_of(r['layer']), r['stats']))]
         if not rows: raise ValueError("No statistics recorded: use AttnRecorder(stats=True) (on by default with every_epoch=True).")
         df = pd.DataFrame(rows)
         if per == 'record': return df
         if per != 'forward': raise ValueError(f"per={per!r}: use 'record' or 'forward'.")
         keys = ['tag', 'split', 'epoch', 'forward', 'batch', 'layer', 'head']
-        return df.groupby(keys, dropna=False, sort=False).agg(STAT_COMBINE).reset_index()
+        return df.groupby(keys, dropna=False, sort=False).agg({k: v for k, v in {**STAT_COMBINE, 'bias_share': 'mean'}.items()
+                                                                if k in df.columns}).reset_index()
+
+    def _bias_share(self, r, j)->tuple: # (variance of the softmax part, of the bias, the bias's share of their sum)
+        "How much of head `j`'s map varies with the input-independent bias rather than the input, over the map's cells"
+        b = self.bias(r['layer'], r.get('epoch'))
+        vs = self.part(r, 'softmax')[j].double().var().item()
+        vb = 0. if b is None else b['weights'][j].double().var().item()
+        return vs, vb, (vb / (vs + vb) if vs + vb > 0 else float('nan'))
+
+    def part_stats(self)->pd.DataFrame:
+        "Per record and head: variance over the map's cells of the softmax part and of the bias, the bias's share, the softmax's mean entropy"
+        rows = []
+        for r in self.records:
+            for j, h in enumerate(self.heads_of(r['layer'])):
+                vs, vb, share = self._bias_share(r, j)
+                rows.append(dict(tag=r['tag'], split=r['split'], epoch=r['epoch'], forward=r['forward'], idx=r['idx'], layer=r['layer'],
+                                 var=r.get('var'), head=h, var_softmax=vs, var_bias=vb, bias_share=share,
+                                 entropy=r['entropy'][j].float().mean().item()))
+        if not rows: raise ValueError("Nothing recorded: record with AttnRecorder first.")
+        return pd.DataFrame(rows)
     @property
     def heads(self): return self.meta.get('heads')      # the model's head numbers kept, in order (of the first layer)
     def heads_of(self, layer:str)->list: # the model's head numbers kept for `layer` (layers may have different head counts)
@@ -128,7 +151,28 @@ class AttnRecording:
 
     def filter(self, **kwargs): # e.g. tag='fold 1', layer='backbone.attention_layer', idx=17
         "A recording with the records whose fields equal `kwargs`"
-        return AttnRecording([r for r in self.records if all(r[k] == v for k, v in kwargs.items())], self.aggregates, self.meta)
+        return AttnRecording([r for r in self.records if all(r.get(k) == v for k, v in kwargs.items())], self.aggregates, self.meta, self.biases)
+
+    def bias(self, layer:str, epoch:int=None)->dict|None: # dict(weights=[H, l, l], key_attn=[H, L]), or None: no bias
+        "The input-independent bias `layer` adds after its softmax (eRPE), as recorded at `epoch` (default: the latest)"
+        by = self.biases.get(layer)
+        if not by: return None
+        return by[epoch] if epoch in by else by[max(by)]
+
+    def part(self, r:dict, # a record
+             part:str='effective', # 'effective' (what multiplies the values), 'softmax' (what the input changed) or 'bias'
+             what:str='weights', # 'weights' (the map) or 'key_attn' (what each key receives)
+            )->torch.Tensor:
+        "One part of a record's map: the effective matrix is softmax + bias, bitwise, where the layer adds a bias (eRPE)"
+        if part not in PARTS: raise ValueError(f"part={part!r}: use one of {', '.join(map(repr, PARTS))}.")
+        if part == 'effective': return r[what]
+        b = self.bias(r['layer'], r.get('epoch'))
+        if part == 'bias':
+            if b is None: raise ValueError(f"part='bias': layer {r['layer']} adds no bias after its softmax, so its maps are the softmax "
+                                           "part alone. Draw part='effective' (or 'softmax': the same here).")
+            return b[what]
+        if b is None: return r[what]  # no bias: the softmax is the whole map
+        return r['softmax'] if what == 'weights' and r.get('softmax') is not None else r[what] - b[what].to(r[what].dtype)
 
     @property
     def groups(self)->str|None: return next((k for k in ('class', 'bins') if k in self.aggregates), None)  # how mean maps are grouped
@@ -187,7 +231,12 @@ def save(self:AttnRecording, path)->Path:
         d[f'agg_{kind}_keys'] = np.array(keys)
         d[f'agg_{kind}_sums'] = np.stack([aggs[c][0].numpy() for c in keys])
         d[f'agg_{kind}_ns'] = np.array([aggs[c][1] for c in keys])
-    meta = {**self.meta, 'format': _FORMAT, 'version': _VERSION, 'n': len(self),
+    for i, r in enumerate(self.records):  # softmax parts: records of layers that add a bias
+        if r.get('softmax') is not None: d[f'softmax_{i}'] = _np(r['softmax'])
+    biases = [(layer, epoch) for layer, by in self.biases.items() for epoch in by]
+    for j, (layer, epoch) in enumerate(biases):
+        for k, v in self.biases[layer][epoch].items(): d[f'bias_{j}_{k}'] = _np(v)
+    meta = {**self.meta, 'format': _FORMAT, 'version': _VERSION, 'n': len(self), 'biases': biases,
             'dtype': str(self.records[0]['weights'].dtype).replace('torch.', '') if self.records else 'float32'}
     d['meta'] = np.array(json.dumps(meta))
     with open(path, 'wb') as f: np.savez_compressed(f, **d)
@@ -210,7 +259,13 @@ def load(cls:AttnRecording, path)->AttnRecording:
     v = meta.get('version')
     if v not in range(1, _VERSION + 1):
         raise _unreadable(path, f"it is version {v}, and this tsai-attnviz reads versions 1 to {_VERSION}: upgrade tsai-attnviz.")
-    try: return cls(*_parse(d, meta))
+    try:
+        recs, aggs, meta = _parse(d, meta)
+        for i, r in enumerate(recs): r['softmax'] = torch.from_numpy(d[f'softmax_{i}']).to(r['weights'].dtype) if f'softmax_{i}' in d else None
+        biases = {}
+        for j, (layer, epoch) in enumerate(meta.pop('biases', [])):
+            biases.setdefault(layer, {})[epoch] = {k: torch.from_numpy(d[f'bias_{j}_{k}']) for k in ('weights', 'key_attn')}
+        return cls(recs, aggs, meta, biases)
     except (KeyError, IndexError, ValueError, TypeError) as e:
         what = f"{e} is missing" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
         raise _unreadable(path, what) from None

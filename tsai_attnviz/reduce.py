@@ -81,10 +81,10 @@ class MapReducer:
         if c == self.Lq:  # the whole map at once
             red, key = _pool_keys(m, self.k)
             self._one = dict(red=red, key=key, full=w, ent=ent, stats=head_stats(w, m, ent) if self.stats else None)
-        else: self._add_rows(m, q0, ent, w)
+        else: self._add_rows(m, q0, ent, w, bias is not None)
         self.seen += c
 
-    def _add_rows(self, m, q0, ent, w):
+    def _add_rows(self, m, q0, ent, w, biased=False):
         "Running sums over a chunk of rows: block sums, key sums, full rows, entropy, statistics"
         H, c, L = m.shape
         a, k, n, Lq = self._acc, self.k, self.n, self.Lq
@@ -93,6 +93,7 @@ class MapReducer:
             a['key'] = m.new_zeros(H, L, dtype=torch.float64)
             if k > 1: a['blocks'] = m.new_zeros(H, self.nq, n, dtype=torch.float64)
             if self.full: a['full'] = w.new_empty(H, Lq, L)
+            if self.full and biased: a['full_sm'] = m.new_empty(H, Lq, L)  # the softmax part, kept apart
             if ent is not None: a['ent'] = ent.new_empty(H, Lq)
             if self.stats: a.update(min=w.new_full((H,), math.inf), max=w.new_full((H,), -math.inf),
                                     sum=m.new_zeros(H, dtype=torch.float64), rowsum=w.new_empty(H, Lq), dist=m.new_empty(H, Lq))
@@ -107,6 +108,7 @@ class MapReducer:
                 cols = (mk.reshape(-1, k) @ mf.new_ones(k)).reshape(H, c, n)                  # [H, c, n]: sums over key blocks
                 a['blocks'].index_add_(1, torch.arange(q0, q0 + c, device=m.device) // k, cols.double())
         if self.full: a['full'][:, rows] = w
+        if 'full_sm' in a: a['full_sm'][:, rows] = m
         if ent is not None: a['ent'][:, rows] = ent
         if self.stats:
             a['min'] = torch.minimum(a['min'], w.amin((-2, -1))); a['max'] = torch.maximum(a['max'], w.amax((-2, -1)))
@@ -117,7 +119,7 @@ class MapReducer:
 
     def result(self,
         bias:MapReducer=None, # the finished reducer of a bias added to every map: its block and key means are added
-    )->dict: # weights [H, l, l] (the full map when k=1), key_attn [H, L], entropy [H, L] or None, stats [H, 7] or None
+    )->dict: # weights [H, l, l] (the full map when k=1), softmax: its softmax part, key_attn [H, L], entropy [H, L] or None, stats [H, 7] or None
         "The reduced map, key means, entropy and statistics; call when `done`"
         if not self.done: raise ValueError(f"{self.seen} of {self.Lq} rows fed: the map is not complete.")
         if bias is None and self._res is not None: return self._res
@@ -127,19 +129,20 @@ class MapReducer:
             red, key, full = o['red'], o['key'], o['full']
             if self.k > 1: w = red if b is None else red + b['weights']
             else: w = red if full is None else full.clone() if b is None else full  # `m` may be the layer's own buffer
-            return dict(weights=w, key_attn=key if b is None else key + b['key_attn'], entropy=o['ent'], stats=o['stats'])
+            sm = w if b is None else red.clone() if self.k == 1 else red  # the softmax part; at k=1, `m` itself: copied
+            return dict(weights=w, softmax=sm, key_attn=key if b is None else key + b['key_attn'], entropy=o['ent'], stats=o['stats'])
         a, L, Lq, k, n = self._acc, self.L, self.Lq, self.k, self.n
         dt = a['dtype']
         key = (a['key'] / Lq).to(dt)
-        if k == 1: red = a.get('full')
+        if k == 1: red = a.get('full_sm', a.get('full'))
         else:
             span = lambda l, nb: (l - torch.arange(nb, device=key.device) * k).clamp(max=k).double()  # steps each block covers
             red = (a['blocks'] / (span(Lq, self.nq)[:, None] * span(L, n)[None])).to(dt)
-        w = red if k == 1 or b is None else red + b['weights']
+        w = (a.get('full') if k == 1 else red + b['weights']) if b is not None else red
         st = None
         if self.stats:
             st = torch.stack([a['min'], a['max'], a['sum'] / (Lq * L), a['rowsum'].amin(-1), a['rowsum'].amax(-1),
                               a['ent'].mean(-1), a['dist'].mean(-1)], -1).float()
-        res = dict(weights=w, key_attn=key if b is None else key + b['key_attn'], entropy=a.get('ent'), stats=st)
+        res = dict(weights=w, softmax=red, key_attn=key if b is None else key + b['key_attn'], entropy=a.get('ent'), stats=st)
         if bias is None: self._res = res
         return res
