@@ -26,8 +26,8 @@ def bm_learner(bm_data):
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(8, 1e-3)
     return learn
 
-def stock_effective_attention(model, x):
-    "The effective attention matrix of a *stock* ConvTranPlus for x [bs, c_in, L], computed outside the package"
+def stock_effective_attention(model, x, part='effective'):
+    "The effective attention matrix (or its 'softmax' part) of a *stock* ConvTranPlus for x [bs, c_in, L], computed outside the package"
     model.eval()
     bb, got = model.backbone, {}
     h = bb.attention_layer.register_forward_hook(lambda m, i, o: got.setdefault('z', i[0]))
@@ -46,6 +46,7 @@ def stock_effective_attention(model, x):
             Srel = padded.reshape(bs, a.n_heads, L + 1, L)[:, :, 1:]
             attn = (torch.matmul(q, k) + Srel) * a.scale
         sm = torch.softmax(attn, -1)
+        if part == 'softmax': return sm.cpu()
         if hasattr(a, 'relative_bias_table'):
             i = torch.arange(L)
             bias = a.relative_bias_table[(i[:, None] - i[None, :] + L - 1).to(z.device)].permute(2, 0, 1)  # [H, L, L]

@@ -90,7 +90,7 @@ def test_evolution_figures(runs, tmp_path):
     with_rec.add_cb(rec)
     try:
         f = with_rec.show_attention_evolution(idx=13, path=tmp_path/'evo.png')
-        assert len(f.axes) == 4 * 8 + 1 + 4
+        assert len(f.axes) == 4 * 8 + 1 + 5  # epochs × heads, colour bar, 5 statistics (eRPE: the bias share too)
         f = with_rec.show_attention_evolution(head=2, path=tmp_path/'evo_h2.png')
         assert [a.get_title() for a in f.axes[:4]] == ['Epoch 0 (before training)', 'Epoch 1', 'Epoch 2', 'Epoch 3']
         f = plot_attention_stats(rec.recording.stats_df(), x='forward', path=tmp_path/'stats.png')
