@@ -197,8 +197,9 @@ def test_items_parts_and_means(browser, bm):
     _, _, _, v = tip_value(pg.hover_cell(30, 60, L, 1), torch.float32)
     assert v.item() == bias[0, 30, 60].item()
     pg.page.select_option('#part', 'softmax')
-    _, _, _, v = tip_value(pg.hover_cell(30, 60, L, 1), torch.float32)
-    assert v.item() == (eff[0, 30, 60].float() - bias[0, 30, 60]).item()          # effective − bias, in float32
+    sm = rec.filter(idx=20).records[0]['softmax']                                # the softmax part, as recorded (float16 here)
+    _, _, _, v = tip_value(pg.hover_cell(30, 60, L, 1), sm.dtype)
+    assert v.item() == sm[0, 30, 60].item() and sm[0, 30, 60].item() + bias[0, 30, 60].item() == pytest.approx(eff[0, 30, 60].item(), abs=1e-4)
     pg.page.select_option('#part', 'effective')
     pg.page.select_option('#item', '5')                                          # the first class mean
     pg.page.wait_for_selector(f'#map[data-item="{read_report(r)["items"][5]["data_item"]}"]')
@@ -210,8 +211,8 @@ def test_items_parts_and_means(browser, bm):
 def test_layer_selector_for_several_layers(browser, bm, tmp_path):
     "ConvTranPlus has one attention layer; a recording of two (another model's) gets a layer selector"
     _, rec = bm
-    two = AttnRecording([dict(r) for r in rec.records[:2]] + [dict(r, layer='second', weights=r['weights'].transpose(-1, -2))
-                                                               for r in rec.records[:2]], {}, rec.meta)
+    two = AttnRecording([dict(r, softmax=None) for r in rec.records[:2]] + [dict(r, layer='second', weights=r['weights'].transpose(-1, -2),
+                                                               softmax=None) for r in rec.records[:2]], {}, rec.meta)  # no parts
     r = two.to_html(tmp_path/'two.html')
     pg = Page(browser, r.path)
     assert pg.page.is_visible('#layer-box') and pg.page.is_hidden('#part-box')
