@@ -1,4 +1,4 @@
-"""See what the self-attention of tsai's ConvTranPlus looks at, and how far to trust it: weight-exposing layers, a fastai recorder and plots
+"""See what the self-attention of tsai's models looks at, and how far to trust it: weight-exposing layers for every tsai attention model, a fastai recorder, plots and a faithfulness benchmark
 
 Modules:
 

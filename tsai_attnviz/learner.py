@@ -71,6 +71,11 @@ def _titles(info, r)->tuple: # ('Sample 3, Batch 0 (idx 17)', 'True: Walking · 
         t, p = pick(t), pick(p)
     return where, item_title(info, t, p)
 
+def _row_label(t)->str:
+    "A grid row's label: where the item came from, then its labels (a forecast's true and predicted values on lines of their own)"
+    where, labels = t
+    return where + '\n' + (labels.replace(' · ', '\n') if len(labels) > 40 else labels)
+
 def _pick(rec:AttnRecording, layer, idx, batch, sample, **where):
     "Records of `rec` for `layer` and the selected items (the latest pass of each), with errors that say what is there"
     names = list(dict.fromkeys(rec.layers))
@@ -186,7 +191,7 @@ def show_attention(self:Learner,
         return plot_attention_weights([w], 0, 0, heads.index(head), seq_len=rec.seq_len, path=path, cbar_label=label, tokens=tokens,
                                       title=f"{name}, Head {head}{_PART_TITLE[part]}\n{titles[0][0]}\n{titles[0][1]}",
                                       diverging=relative_to is not None, **kwargs)
-    return plot_head_grid(w, heads=None if head is None else [head], head_labels=heads, row_labels=['\n'.join(t) for t in titles],
+    return plot_head_grid(w, heads=None if head is None else [head], head_labels=heads, row_labels=[_row_label(t) for t in titles],
                           seq_len=rec.seq_len, shared_scale=shared_scale, suptitle=sup, path=path,
                           cbar_label=label, tokens=tokens, diverging=relative_to is not None, **kwargs)
 
