@@ -127,3 +127,33 @@ def test_demo_fast_trains_with_fused_attention_and_records(tmp_path):
     assert 'with fused attention' in p.stdout and not (tmp_path/'attention_report.html').exists()
     r = AttnRecording.load(tmp_path/'recording.npz')
     assert len(r) == 4 and torch.isfinite(r.weights).all()
+
+def test_demo_writes_the_parts_of_erpe_maps(demo):
+    out, p = demo
+    for f in ['attention_grid_softmax.png', 'attention_bias.png']: assert (out/f).stat().st_size > 1000, f
+    r = AttnRecording.load(out/'recording.npz')
+    assert r.biases and all(torch.equal(r.part(x, 'softmax') + r.part(x, 'bias'), x['weights']) for x in r.records)
+
+@pytest.mark.parametrize('arch', ['PatchTST', 'TSTPlus'])
+def test_demo_other_architectures(arch, tmp_path):
+    "A forecaster (PatchTST: the last fifth of each variable) and a classifier with several layers, and their exports through show"
+    p = run('demo', '--arch', arch, '--epochs', '1', '--out', tmp_path, '--no-html', '--export')
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert ('valid MAE' if arch == 'PatchTST' else 'valid accuracy') in p.stdout and f'Trained {arch}' in p.stdout
+    r = AttnRecording.load(tmp_path/'recording.npz')
+    assert r.meta['arch'] == ('PatchTST' if arch == 'PatchTST' else 'TSTPlus') and len(set(r.layers)) == 2
+    if arch == 'PatchTST': assert r.meta['per_var'] and sorted(set(r.vars)) == list(range(6)) and r.records[0]['input'].shape == (6, 80)
+    from tsai_attnviz.cli import load_dataset
+    Xd = load_dataset('BasicMotions')[0][:3, :, :80 if arch == 'PatchTST' else 100]
+    np.save(tmp_path/'X.npy', Xd)
+    q = run('show', tmp_path/'learner.pkl', '--data', tmp_path/'X.npy', '--out', tmp_path/'show', '--no-html')
+    assert q.returncode == 0, q.stderr[-2000:]
+    assert ('PatchTST' if arch == 'PatchTST' else 'TSTPlus') in q.stdout and (tmp_path/'show'/'attention_grid.png').exists()
+
+@pytest.mark.parametrize('args,msg', [(['--arch', 'ResNet'], "--arch 'ResNet' is not one the demo builds: use one of ConvTranPlus, TSTPlus"),
+                                      (['--arch', 'TST', '--part', 'bias'], '--part bias: TST adds no bias after its softmax'),
+                                      (['--arch', 'TST', '--fast'], "--fast is ConvTranPlus's fused path")])
+def test_demo_refuses_bad_architecture_options(args, msg):
+    p = run('demo', *args, '--epochs', '1')
+    assert p.returncode == 2 and msg in p.stderr and p.stderr.count('\n') == 1, p.stderr
+    assert 'Trained' not in p.stdout  # refused before any training

@@ -162,7 +162,7 @@ def _demo(a):
     kw = dict(splits=splits, arch=arch, arch_config=DEMO_ARCHS[arch], bs=a.bs, batch_tfms=None, verbose=False, seed=a.seed)
     learn = (TSForecaster(X, y, metrics=mae, **kw) if forecast else
              TSClassifier(X, y, tfms=[None, TSClassification()], metrics=accuracy, **kw))
-    _check_head(a.head, learn.model)  # before training: a bad option must not cost the training time
+    _check_head(a.head, learn.model, a.part)  # before training: a bad option must not cost the training time
     if a.fast:  # fused attention: no L × L map in training or prediction; the recorder still computes exact maps
         from tsai_attnviz.fast import fast_attention
         fast_attention(learn.model)
@@ -202,20 +202,23 @@ def _show(a):
     idxs = a.idxs if a.idxs else list(range(min(4, len(X))))
     bad = [i for i in idxs if not 0 <= i < len(X)]
     if bad: raise CLIError(f"--idxs {bad} out of range: --data has {len(X)} samples (0..{len(X) - 1})")
-    _check_head(a.head, learn.model)
+    _check_head(a.head, learn.model, a.part)
     if a.fast:
         from tsai_attnviz.fast import fast_attention
         fast_attention(learn.model)
     print(f"{p.name}: {adapter.name} ({type(learn.model).__name__}) for [n, {shape[0]}, {shape[1]}]; data {list(X.shape)}", flush=True)
     _report(write_figures(learn, Path(a.out), idxs, head=a.head, X=X, y=y, max_len=a.max_len, html=a.html, part=a.part))
 
-def _check_head(head, model):
+def _check_head(head, model, part='effective'):
     "A `CLIError` unless `head` is one of the model's heads"
     from tsai_attnviz.arch import adapter_for, attention_layers, layer_adapter
     try: adapter_for(model, 'tsai-attnviz')  # a model with no supported attention layer: the error names the supported ones
     except ValueError as e: raise CLIError(str(e)) from None
     m = attention_layers(model)[0][1]
     n_heads = layer_adapter(m).n_heads(m)
+    if part == 'bias' and not any(hasattr(l, 'relative_bias_table') for _, l in attention_layers(model)):
+        raise CLIError(f"--part bias: {type(model).__name__} adds no bias after its softmax (ConvTranPlus's eRPE does): "
+                       "use --part effective or softmax")
     if not 0 <= head < n_heads: raise CLIError(f"--head {head} out of range: the model has {n_heads} heads (0..{n_heads - 1})")
 
 def _positive(name, v, kind=int):
