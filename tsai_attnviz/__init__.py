@@ -14,7 +14,9 @@ Modules:
 - `tsai_attnviz.data`: Inputs checked as the model takes them, and targets and predictions decoded as tsai decodes them.
 - `tsai_attnviz.layers`: The common ground of the `*_With_Weights` twins of every family (`tsai_attnviz.arch`): a receiver, kept weights, a pickle that never grows; input checks; per-head statistics and hooks.
 - `tsai_attnviz.learner`: `Learner.show_attention()`: attention maps of a tsai Learner, from what an `AttnRecorder` holds or recorded on the spot.
+- `tsai_attnviz.mean_maps`: Mean maps per class or target bin over a pass: what `AttnRecorder(aggregate=...)` keeps.
 - `tsai_attnviz.plot`: Attention heatmaps, head grids and the over-the-series view, from plain tensors: no Learner needed.
+- `tsai_attnviz.probe`: The probe items that `AttnRecorder(every_epoch=True)` runs through the model before training and after each epoch.
 - `tsai_attnviz.recorder`: `AttnRecorder`, a fastai callback that copies selected attention maps while a Learner validates or predicts.
 - `tsai_attnviz.recording`: `AttnRecording`: recorded maps with the inputs, targets, predictions and indices that go with them, and its file format.
 - `tsai_attnviz.reduce`: Block means, the attention each key receives and each query's entropy: what keeps long maps small."""

@@ -8,8 +8,7 @@ pass ends (an error, KeyboardInterrupt, `remove_cb`), the model is left with its
 
 # %% ../nbs/03_recorder.ipynb #9494c825
 from __future__ import annotations
-import math, random, warnings
-from contextlib import contextmanager
+import math, warnings
 import numpy as np
 import torch
 from fastcore.basics import store_attr, listify, noop
@@ -19,6 +18,8 @@ from .arch import swap_attention, unswap_attention, attention_layers, no_attenti
 from .reduce import block_size, MapReducer
 from .recording import AttnRecording, _to_dtype, _record_bytes, to_host, host_ready
 from .data import target_info, nonfinite_message
+from .mean_maps import MeanMaps
+from .probe import Probe, _batch_idxs
 
 # %% auto #0
 __all__ = ['AttnRecorder']
@@ -31,30 +32,12 @@ def _model_input(model):
 
 def _as_list(o): return None if o is None else [int(i) for i in listify(o)]
 
-def _batch_idxs(dl, it, n):
-    "Dataset indices of the `n` items in batch `it` of `dl`, when they can be known without drawing random numbers"
-    idxs = getattr(dl, 'idxs', None)  # tsai's loaders set this per batch
-    if isinstance(idxs, slice): return list(range(*idxs.indices(idxs.stop)))[:n]
-    if idxs is not None and len(idxs) == n: return [int(i) for i in idxs]
-    if not getattr(dl, 'shuffle', False): return list(range(it * dl.bs, it * dl.bs + n))
-    return [None] * n
-
-@contextmanager
-def _rng_kept():
-    "Leave Python's, numpy's and torch's random streams as they were"
-    st = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try: yield
-    finally:
-        random.setstate(st[0]); np.random.set_state(st[1]); torch.set_rng_state(st[2])
-        if cuda is not None: torch.cuda.set_rng_state_all(cuda)
-
 # %% ../nbs/03_recorder.ipynb #4f450cac
 def _lr_finding(learn)->bool:
     "Whether this fit is fastai's `lr_find` (its epochs are not the training the probe follows)"
     return any(type(cb).__name__ == 'LRFinder' for cb in learn.cbs)
 
-class AttnRecorder(Callback):
+class AttnRecorder(MeanMaps, Probe, Callback):
     "Record selected attention maps of a model's attention layers (any supported family) while a Learner validates or predicts"
     order,run_valid,run_train = 60,True,True  # after the model's output is gathered; train batches only with `train=True`
     _stateattrs = ('recording', '_names', '_want', '_pending', '_batch_red', '_swapped', '_probe_batch', '_bias', '_prev', '_guarded')
@@ -243,39 +226,6 @@ class AttnRecorder(Callback):
             there = f"batches of at most {self._max_bs} items (0..{self._max_bs - 1})"
         if missing: warnings.warn(f"AttnRecorder: {what}={missing} were not in this pass, which had {there}; nothing recorded for them.")
 
-    # -- the probe ---------------------------------------------------------------------
-    def _get_probe(self):
-        "The probe items of the validation set after the batch transforms, as (x, y, idxs), gathered once per fit"
-        dl, xs, ys, found = self.dls.valid.new(shuffle=False, drop_last=False), [], [], []
-        for it, b in enumerate(dl):
-            xb, yb = b[0], (b[1] if len(b) > 1 else None)
-            for p, d in enumerate(_batch_idxs(dl, it, len(xb))):
-                if d in self.probe: xs.append(xb[p]); ys.append(None if yb is None else yb[p]); found.append(d)
-            if len(found) == len(self.probe): break
-        missing = sorted(set(self.probe) - set(found))
-        if missing: raise ValueError(f"probe={missing} not in the validation set, which has {len(dl.dataset)} items (0..{len(dl.dataset) - 1}).")
-        y = None if ys[0] is None else torch.stack(ys)
-        return torch.stack(xs), y, found
-
-    def _run_probe(self, epoch):
-        "Run the probe through the model in eval mode without gradients; training, weights and random streams untouched"
-        with _rng_kept():
-            if self._probe_batch is None: self._probe_batch = self._get_probe()
-            x, y, idxs = self._probe_batch
-            model = self.learn.model
-            was = model.training
-            self._attach(model, 'probe')
-            self._want,self._pending,self._batch_red,self._calls,self._in_len = list(zip(range(len(idxs)), idxs)),[],[],{},x.shape[-1]
-            self._cur = dict(batch=-1, epoch=epoch, split='probe')
-            model.eval()
-            try:
-                with torch.no_grad(): pred = model(x)
-            finally:
-                model.train(was)
-                self._detach()
-            self._keep(x, y, pred)
-            self._want = []
-
     def __del__(self):
         try: self._end_pass()
         except Exception: pass
@@ -412,62 +362,6 @@ class AttnRecorder(Callback):
                       f"batches, or max_len=... to store reduced maps.")
         return False
 
-    def _aggregate(self, yb, pred):
-        "Add this batch's reduced maps to the running sums; maps that are not finite (NaN input) are left out"
-        red = torch.cat(self._batch_red).double()                                            # [bs·nv, H, l, l]
-        n = len(pred if yb is None else yb) if (pred is not None or yb is not None) else len(red)
-        if len(red) != n and len(red) % n == 0: red = red.reshape(n, -1, *red.shape[1:]).mean(1)  # an item's variables: their mean
-        ok = torch.isfinite(red).flatten(1).all(1)
-        red, ok = red[ok], ok.cpu()
-        yb = None if yb is None else yb.cpu()[ok]
-        pred = None if pred is None else pred.float().cpu()[ok]
-        aggs = self.recording.aggregates
-        s, n = aggs.get('mean', (0., 0))
-        aggs['mean'] = (s + red.sum(0).cpu(), n + len(red))
-        if self.aggregate in (None, 'mean') or not len(red): return
-        agg = aggs.setdefault(self.aggregate, {})
-        for key, m in self._groups(yb, pred).items():
-            if not m.any(): continue
-            s, n = agg.get(key, (0., 0))
-            agg[key] = (s + red[m.to(red.device)].sum(0).cpu(), n + int(m.sum()))
-
-    def _groups(self, yb, pred)->dict:
-        "{class or bin: mask of the batch's samples}, by target when the pass has targets, else by prediction"
-        self.recording.meta['agg_by'] = 'prediction' if yb is None else 'target'
-        if self.aggregate == 'bins':
-            v = (pred if yb is None else yb).reshape(len(pred if yb is None else yb), -1).double()
-            if v.shape[1] != 1: raise ValueError(f"aggregate='bins' needs one value per item; this model has {v.shape[1]}: use aggregate='mean'.")
-            edges = torch.tensor(self.recording.meta['bin_edges'], dtype=torch.float64)
-            b = (torch.searchsorted(edges, v[:, 0].contiguous(), right=True) - 1).clamp(0, len(edges) - 2)
-            return {int(c): b == c for c in b.unique()}
-        if self._info['task'] == 'multilabel':
-            hot = pred > 0 if yb is None else yb > 0.5                                      # [bs, n_classes]
-            return {c: hot[:, c] for c in range(hot.shape[1])}
-        cls = pred.argmax(-1) if yb is None or yb.numel() != len(yb) else yb.reshape(-1).long()
-        return {int(c): cls == c for c in cls.unique()}
-
-    def _check_aggregate(self, sel):
-        "Resolve max_len='auto' for this pass, and refuse aggregates that can't be made, before anything is stored"
-        L = None if self._shape is None else self._shape[1]
-        H = len(self.heads) if self.heads else layer_adapter(sel[0][1]).n_heads(sel[0][1])
-        if self.max_len != 'auto': self._len = self.max_len
-        elif not (self.accumulate and self._said_auto): self._len = self._auto_len(L, H, len(sel), any(hasattr(m, 'relative_bias_table') for _, m in sel))  # accumulated maps keep one size
-        task = self._info['task']
-        if self.aggregate == 'class' and task == 'regression':
-            raise ValueError("aggregate='class' groups maps by class, but this Learner is a regression (its targets are values): "
-                             "use aggregate='bins' (mean maps per range of the target, 4 quantile bins by default) or aggregate='mean'.")
-        if self.aggregate == 'bins':
-            if task != 'regression': raise ValueError(f"aggregate='bins' groups a regression's maps by target range, but this "
-                                                      f"Learner is a {task}: use aggregate='class' or 'mean'.")
-            self.recording.meta['bin_edges'] = self._bin_edges()
-        if self.aggregate and L is not None:
-            k, have = block_size(L, self._len), self.recording.meta.get('agg_block')
-            if self.recording.aggregates and have is not None and have != k:
-                raise ValueError(f"AttnRecorder(accumulate=True): the mean maps recorded so far average blocks of {have} time "
-                                 f"steps; this pass would add blocks of {k} (max_len={self._len}). Keep max_len the same across "
-                                 "passes, or aggregate with a new recorder.")
-            self.recording.meta['agg_block'] = k
-
     def _auto_len(self, L, H, n_layers, biased=False):
         "max_len='auto': None (full maps) when what this pass records fits max_mem, else the largest side that fits"
         if L is None: return None
@@ -490,14 +384,3 @@ class AttnRecorder(Callback):
                           "for full maps, or max_len=N to choose.")
             self._said_auto = True
         return side
-
-    def _bin_edges(self)->list:
-        "Edges of the target bins: given, or quantiles of the training targets"
-        if not isinstance(self.bins, (int, np.integer)): return sorted(float(b) for b in self.bins)
-        try: y = np.asarray((t := self.learn.dls.train.dataset.tls[-1])[0:len(t)], dtype=float)  # the training split's targets
-        except (AttributeError, IndexError, TypeError, ValueError): y = np.empty(0)
-        if y.size == 0: raise ValueError(f"aggregate='bins' with bins={self.bins} takes quantiles of the training targets, which this "
-                                         "Learner does not hold (a load_learner'd Learner keeps no data): pass edges, e.g. bins=[0, 1.5, 3].")
-        if y.ndim > 1 and y.shape[1] > 1: raise ValueError("aggregate='bins' needs one target value per item; this model predicts "
-                                                           f"{y.shape[1]} (a forecast?): use aggregate='mean'.")
-        return np.quantile(y.ravel(), np.linspace(0, 1, self.bins + 1)).tolist()
