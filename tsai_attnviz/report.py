@@ -178,6 +178,9 @@ def _payload(rec:AttnRecording, titles=None, parts=None, classes=None, dtype=Non
         per['effective'][i] = r['weights'] if per['effective'][i] is None else per['effective'][i]
         for p in ('softmax', 'bias'):
             if per[p][i] is None and r.get(p) is not None: per[p][i] = r[p]
+        b = rec.bias(r['layer'], r.get('epoch'))  # the layer's bias, as the recorder kept it (once a layer and epoch)
+        if per['bias'][i] is None and b is not None and tuple(b['weights'].shape) == tuple(per['effective'][i].shape):
+            per['bias'][i] = b['weights']
         for p in _PARTS:
             v = per[p][i]
             if v is not None and tuple(v.shape) != tuple(per['effective'][i].shape):
@@ -338,7 +341,7 @@ def attention_report(self:Learner,
         sel = dict(idxs=listify(idx)) if idx is not None else dict(batches=[batch], samples=list(range(4)) if sample is None else listify(sample))
         rec = self.record_attention(dl=dl, X=X, y=y, max_len=max_len, dtype=dtype, aggregate=aggregate, **sel)
         if not len(rec): raise IndexError(f"Nothing recorded for {sel}: the data has fewer batches or items than that.")
-    sub = AttnRecording(_select(rec, idx, batch, sample), rec.aggregates, rec.meta)
-    parts, notes = _bias_parts(self.model, sub)
+    sub = AttnRecording(_select(rec, idx, batch, sample), rec.aggregates, rec.meta, rec.biases)
+    parts, notes = ({}, []) if sub.biases else _bias_parts(self.model, sub)  # the recorder keeps the bias; older recordings: the model's
     titles, classes = _report_labels(self, rec, sub.records)
     return sub.to_html(path, titles=titles, parts=parts, classes=classes, notes=notes + list(kwargs.pop('notes', None) or []), **kwargs)
