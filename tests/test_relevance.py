@@ -134,6 +134,13 @@ def test_occlusion_ranks_the_step_read_first(window):
     r = model_relevance(ReadsStep(), x, 'occlusion', window=window)
     assert (r.argmax(1) == 7).all() and (r[:, 7] > 0).all()
     if window == 1: assert (np.delete(r, 7, axis=1) == 0).all()
+    if window == 3:  # windows start at every step; step t is covered by those starting at t-2, t-1, t: the mean of their drops
+        lin = ReadsStep().lin
+        with torch.no_grad():
+            p0 = torch.softmax(lin(x[:, :, 7]), -1)
+            D = (p0.max(1).values - torch.softmax(lin(x.mean(-1)), -1).gather(1, p0.argmax(1, keepdim=True))[:, 0]).numpy()
+        want = np.zeros((6, 20)); want[:, 5], want[:, 6], want[:, 7], want[:, 8], want[:, 9] = D / 3, 2 * D / 3, D, 2 * D / 3, D / 3
+        assert np.allclose(r, want, atol=1e-6)
     assert (model_relevance(ReadsStep(1), x, 'occlusion', task='regression', window=window).argmax(1) == 7).all()
 
 def test_fill_steps():

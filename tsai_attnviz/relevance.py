@@ -187,7 +187,8 @@ def _attention_relevance(model, x, method, layer, head, target, task, part)->tor
     "Relevance from the maps of one forward (and one backward for grad_attention)"
     bs, _, L = x.shape
     grad = method == 'grad_attention'
-    reduce = dict(attention=lambda a: a.mean(-2), value_norm=lambda a: a.abs().sum(-2)).get(method, lambda a: a)
+    reduce = dict(attention=lambda a: a.mean(-2), value_norm=lambda a: a.abs().sum(-2),  # keep only what the method reads
+                  rollout=lambda a: a.mean(1, keepdim=True)).get(method, lambda a: a)  # rollout: heads averaged, [rows, 1, Lq, Lk]
     maps = _Maps(part, reduce, keep_graph=grad)
     adapters_for(model, f"relevance(method={method!r})")
     prior = [(m, type(m), {k: m.__dict__[k] for k in _KEPT if k in m.__dict__}) for _, m in attention_layers(model)]
@@ -345,8 +346,8 @@ def relevance(self:Learner,
     return (rel, np.concatenate(xs)) if with_input else rel
 
 # %% ../nbs/20_relevance.ipynb #2e1e0a33
-UNITS = dict(attention='attention received', value_norm='Σᵢ|αᵢⱼ|·‖f(xⱼ)‖', grad_attention='(A ⊙ ∂y/∂A)⁺',
-             rollout='rollout, mean\nover queries', occlusion='Δ probability')  # what each method's numbers are
+UNITS = dict(attention='received', value_norm='Σᵢ|αᵢⱼ|·‖f(xⱼ)‖', grad_attention='(A ⊙ ∂y/∂A)⁺',
+             rollout='mean over queries', occlusion='Δ probability')  # what each method's numbers are
 
 def plot_relevance(x, # [c_in, L] or [L]: the input as the model saw it
                    rel, # [L] (one method), [n_methods, L], or a dict {method: [L]}
