@@ -257,6 +257,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'tsai_attnviz.learner._series': ('learner.html#_series', 'tsai_attnviz/learner.py'),
                                       'tsai_attnviz.learner._show_aggregate': ('learner.html#_show_aggregate', 'tsai_attnviz/learner.py'),
                                       'tsai_attnviz.learner._show_layers': ('learner.html#_show_layers', 'tsai_attnviz/learner.py'),
+                                      'tsai_attnviz.learner._show_relevance': ('learner.html#_show_relevance', 'tsai_attnviz/learner.py'),
                                       'tsai_attnviz.learner._titles': ('learner.html#_titles', 'tsai_attnviz/learner.py')},
             'tsai_attnviz.mean_maps': { 'tsai_attnviz.mean_maps.MeanMaps': ('mean_maps.html#meanmaps', 'tsai_attnviz/mean_maps.py'),
                                         'tsai_attnviz.mean_maps.MeanMaps._aggregate': ( 'mean_maps.html#meanmaps._aggregate',

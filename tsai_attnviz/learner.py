@@ -121,7 +121,7 @@ _PART_TITLE = dict(effective='', softmax=' · softmax part', bias=' · bias part
 @patch
 def show_attention(self:Learner,
                    head:int=None, # a head number for one heatmap per item; None: every head in a grid
-                   layer=0, # attention layer, by number or name; 'all': every layer (rows) × heads for one item
+                   layer=None, # attention layer, by number or name (None: the first; view='relevance': the last); 'all': every layer × heads for one item
                    idx=None, # dataset index (or list), instead of batch/sample
                    batch=None, # recorded batch number (or list); default: the first recorded
                    sample=None, # position within the batch (or list); default: the first recorded
@@ -129,7 +129,7 @@ def show_attention(self:Learner,
                    part:str='effective', # 'effective' (what multiplies the values), 'softmax' (what the input changed) or 'bias' (eRPE's, input-independent)
                    query=None, # view='series': a time step (or list) whose row is drawn (what it attends to), instead of what each step receives
                    relative_to:str=None, # 'class' or 'mean': draw the item's map minus its class's (or every item's) mean map
-                   method:str='attention', # view='relevance': see `Learner.relevance`
+                   method='attention', # view='relevance': a method of `Learner.relevance`, or a list of them (one row each)
                    aggregate:str=None, # 'mean', 'class' or 'bins': the mean maps recorded with AttnRecorder(aggregate=...)
                    classes=None, # with aggregate='class': the classes to draw, as labels (vocab names, e.g. GunPoint's 1); None: all
                    epoch:int=None, forward:int=None, tag=None, # which pass to draw when several recorded an item (default: the latest)
@@ -145,9 +145,8 @@ def show_attention(self:Learner,
     if part not in PARTS: raise ValueError(f"part={part!r}: use one of {', '.join(map(repr, PARTS))}.")
     if relative_to not in (None, 'class', 'mean'): raise ValueError(f"relative_to={relative_to!r}: use 'class', 'mean' or None.")
     if query is not None and view != 'series': raise ValueError("query=... draws a row of the map over the input: pass view='series'.")
-    if view == 'relevance':
-        from tsai_attnviz.relevance import show_relevance  # relevance runs the model: a module of its own
-        return show_relevance(self, idx=0 if idx is None else idx, X=X, method=method, path=path, **kwargs)
+    if view == 'relevance': return _show_relevance(self, 0 if idx is None else idx, X, method, layer, head, part, path, **kwargs)
+    if layer is None: layer = 0
     cb = _recorder(self)
     rec = cb.recording if cb is not None else None
     if aggregate is not None:
@@ -194,6 +193,32 @@ def show_attention(self:Learner,
     return plot_head_grid(w, heads=None if head is None else [head], head_labels=heads, row_labels=[_row_label(t) for t in titles],
                           seq_len=rec.seq_len, shared_scale=shared_scale, suptitle=sup, path=path,
                           cbar_label=label, tokens=tokens, diverging=relative_to is not None, **kwargs)
+
+def _show_relevance(learn, idx, X, method, layer, head, part, path, **kwargs):
+    "Relevance of each time step of one item by one or several methods (`Learner.relevance`), over the item's input"
+    from tsai_attnviz.relevance import plot_relevance  # relevance runs the model (gradients, occlusion): a module of its own
+    if len(listify(idx)) != 1: raise ValueError("view='relevance' draws one item: pass a single idx (of X when X is given).")
+    methods, rels = listify(method), {}
+    for m in methods:
+        kw = dict(head=head) if m != 'occlusion' else {}
+        if m in ('attention', 'value_norm', 'grad_attention', 'rollout'): kw.update(layer=layer, part=part)
+        rel, x = learn.relevance(idx=idx, X=X, method=m, with_input=True, **kw)
+        rels[m] = rel[0]
+    info = target_info(learn)
+    with torch.no_grad():
+        model = learn.model
+        was = model.training
+        model.eval()
+        try: pred = model(torch.as_tensor(x[:1]).to(next(model.parameters()).device))[0].float().cpu()
+        finally: model.train(was)
+    target = None
+    if X is None:
+        try: target = learn.dls.valid.dataset[listify(idx)[0]][1]
+        except (IndexError, TypeError, AttributeError): target = None
+        target = target.item() if torch.is_tensor(target) and target.numel() == 1 else target
+    where = f"idx {listify(idx)[0]}" + (' of X' if X is not None else ' of the validation set')
+    title = f"{item_title(info, target, pred)} · {where}" + ('' if part == 'effective' else f' · {part} part')
+    return plot_relevance(x[0], rels, methods=methods, title=title, path=path, **kwargs)
 
 def _reference_maps(learn, rec, recs, relative_to, part, name)->torch.Tensor: # [n, H, l, l]
     "Each record's class mean map (or the mean over items), recorded on the spot when the recording has none, at the same block size"
@@ -315,7 +340,7 @@ def _show_aggregate(learn, rec, aggregate, head, shared_scale, path, classes=Non
 def show_attention_evolution(self:Learner,
                              head:int=None, # one head (epochs as columns), or None for every head (epochs as rows)
                              idx:int=None, # probe item (default: the first)
-                             layer=0, # attention layer, by number or name; 'all': every layer (rows) × heads for one item
+                             layer=None, # attention layer, by number or name (None: the first; view='relevance': the last); 'all': every layer × heads for one item
                              stats=('entropy', 'bias_share', 'mean_distance', 'rowsum_min', 'rowsum_max'), # statistics below (bias_share: with a bias); None: none
                              part:str='effective', # the part of the maps to draw: 'effective', 'softmax' or 'bias'
                              path=None)->plt.Figure:
