@@ -340,7 +340,7 @@ def _show_aggregate(learn, rec, aggregate, head, shared_scale, path, classes=Non
 def show_attention_evolution(self:Learner,
                              head:int=None, # one head (epochs as columns), or None for every head (epochs as rows)
                              idx:int=None, # probe item (default: the first)
-                             layer=None, # attention layer, by number or name (None: the first; view='relevance': the last); 'all': every layer × heads for one item
+                             layer=0, # attention layer, by number or name
                              stats=('entropy', 'bias_share', 'mean_distance', 'rowsum_min', 'rowsum_max'), # statistics below (bias_share: with a bias); None: none
                              part:str='effective', # the part of the maps to draw: 'effective', 'softmax' or 'bias'
                              path=None)->plt.Figure:
