@@ -222,3 +222,73 @@ def test_tstplus_learner(bm_data):
         r = learn.relevance(idx=[0, 1], method=method)
         assert r.shape == (2, 100) and np.isfinite(r).all()
         no_leftovers(learn.model)
+
+def _family_models():
+    from tsai.models.TSTPlus import TSTPlus
+    from tsai.models.TSiTPlus import TSiTPlus
+    from tsai.models.PatchTST import PatchTST
+    from tsai.models.TransformerModel import TransformerModel
+    from tsai.models.TSPerceiver import TSPerceiver
+    from tsai.models.RNNAttention import LSTMAttention
+    torch.manual_seed(0)
+    models = dict(TST=TST(4, 3, 32, n_layers=2, d_model=16, n_heads=2),
+                TSTPlus=TSTPlus(4, 3, 32, n_layers=2, d_model=16, n_heads=2),
+                TSTPlus_conv=TSTPlus(4, 3, 32, max_seq_len=16, n_layers=2, d_model=16, n_heads=2),  # tokens of 2 steps
+                TSiTPlus=TSiTPlus(4, 3, 32, depth=2, d_model=16, n_heads=2),                          # a cls token
+                PatchTST=PatchTST(4, 4, 32, 8, n_layers=2, d_model=16, n_heads=2, patch_len=8, stride=4),  # per variable, patches
+                TransformerModel=TransformerModel(4, 3, d_model=16, n_head=2, n_layers=2),            # maps recomputed
+                TSPerceiver=TSPerceiver(4, 3, 32, n_latents=8, d_latent=16, d_context=16, n_layers=1),  # cross-attention
+                LSTMAttention=LSTMAttention(4, 3, 32, hidden_size=16, rnn_layers=1, encoder_layers=2, n_heads=2, d_k=8, d_v=8, d_ff=32))
+    with torch.no_grad():  # parameters initialised to zero (TSPerceiver's latents) would make every map uniform
+        for m in models.values():
+            for p in m.parameters():
+                if not p.any(): p.normal_(0, 0.5)
+    return models
+
+@pytest.mark.parametrize('name', list(_family_models()))
+def test_every_family_every_method(name):
+    m, x = _family_models()[name].eval(), torch.randn(3, 4, 32)
+    task = 'regression' if name == 'PatchTST' else 'classification'
+    for method in METHODS:
+        if (name, method) in {('TransformerModel', 'grad_attention')}:
+            with pytest.raises(ValueError, match='recomputes them beside the forward'): model_relevance(m, x, method, task=task)
+        elif (name, method) == ('TSPerceiver', 'rollout'):
+            with pytest.raises(ValueError, match='cross-attention'): model_relevance(m, x, method, task=task)
+        else:
+            r = model_relevance(m, x, method, task=task)
+            assert r.shape == (3, 32) and np.isfinite(r).all() and r.std() > 0, method
+            if method in ('attention', 'rollout'): assert np.allclose(r.sum(1), 1, atol=1e-4)  # rows of softmax maps sum to 1
+        no_leftovers(m)
+
+def test_perceiver_default_layer_is_the_cross_attention():
+    "The latents' self-attention has no time steps for keys: the default is the last layer whose keys are steps"
+    m, x = _family_models()['TSPerceiver'].eval(), torch.randn(2, 4, 32)
+    from tsai_attnviz.arch import attention_layers
+    cross = [n for n, l in attention_layers(m) if l.to_kv.in_features == 16 and n.startswith('attn.0.0')]
+    assert np.array_equal(model_relevance(m, x, 'attention'), model_relevance(m, x, 'attention', layer=cross[0]))
+    assert (model_relevance(m, x, 'attention', layer=-1) == 0).all()                     # keys are latents: no time step
+
+def test_transformer_value_norm_by_hand():
+    "torch's TransformerEncoderLayer: maps and f(x_j) from self_attn's in- and out-projections, by hand"
+    m, x = _family_models()['TransformerModel'].eval(), torch.randn(2, 4, 32)
+    lay, got = m.transformer_encoder.layers[1], {}
+    h = lay.register_forward_pre_hook(lambda mod, a: got.setdefault('src', a[0]))
+    with torch.no_grad(): m(x)
+    h.remove()
+    mha, z = lay.self_attn, got['src'].transpose(0, 1)                                    # [bs, L, 16]
+    with torch.no_grad():
+        q, k, v = [(z @ w.T + b).reshape(2, 32, 2, 8).transpose(1, 2) for w, b in zip(mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3))]
+        A = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, -1)                          # [bs, H, L, L]
+        f = torch.einsum('bhld,mhd->bhlm', v, mha.out_proj.weight.reshape(16, 2, 8)).norm(dim=-1)
+    assert np.allclose(model_relevance(m, x, 'value_norm'), (A.sum(2) * f).mean(1).numpy(), atol=1e-5)
+    assert np.allclose(model_relevance(m, x, 'attention'), A.mean((1, 2)).numpy(), atol=1e-6)
+
+def test_fused_layers_give_the_exact_relevance():
+    "ConvTranPlus's fused layers hand the maps in chunks of query rows: the sums and the joined maps are those of the exact layers"
+    from tsai_attnviz.fast import fast_attention
+    torch.manual_seed(0)
+    m, x = ConvTranPlus(4, 3, 32).eval(), torch.randn(3, 4, 32)
+    exact = {meth: model_relevance(m, x, meth) for meth in ('attention', 'value_norm', 'rollout')}
+    fast_attention(m)
+    for meth, r in exact.items(): assert np.allclose(model_relevance(m, x, meth), r, atol=1e-5), meth
+    with pytest.raises(ValueError, match='recomputes them beside the forward'): model_relevance(m, x, 'grad_attention')

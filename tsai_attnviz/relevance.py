@@ -16,6 +16,7 @@ import inspect
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import matplotlib.pyplot as plt
 from fastcore.basics import patch, listify
 from fastai.learner import Learner
@@ -24,6 +25,8 @@ from tsai.models.TST import _MultiHeadAttention as _TSTMHA
 from tsai.models.RNNAttention import _MultiHeadAttention as _RNNAttentionMHA
 from tsai.models.RNNAttentionPlus import _MultiHeadAttention as _RNNAttentionPlusMHA
 from tsai.models.layers import MultiheadAttention as _TSTPlusMHA
+from tsai.models.PatchTST import _ScaledDotProductAttention as _PatchTSTSDP
+from tsai.models.TSPerceiver import Attention as _PerceiverAttention
 from .arch import (layer_adapter, attention_layers, adapters_for, swap_attention, unswap_attention, tokens_of,
                                spread_to_steps)
 from .data import check_X, target_info, class_index
@@ -54,36 +57,65 @@ def _bind(layer, args, kwargs)->dict:
     "The arguments of a call of `layer`, by name"
     return inspect.signature(layer.forward).bind(*args, **kwargs).arguments
 
-def _f_convtranplus(layer, a): # [bs, H, Lk, d_head]
+def _f_convtranplus(layer, a, model): # [bs, H, Lk, d_head]
     x = a['x']                                                                       # [bs, L, d_model]
     bs, L, _ = x.shape
     return layer.value(x).reshape(bs, L, layer.n_heads, -1).transpose(1, 2)
 
-def _f_tst(layer, a): # [bs, H, Lk, d_model]
+def _f_tst(layer, a, model): # [bs, H, Lk, d_model]
     V = a['V']                                                                       # [bs, Lk, d_model]
     v = layer.W_V(V).view(V.size(0), -1, layer.n_heads, layer.d_v)                   # [bs, Lk, H, d_v]
     W = layer.W_O.weight.view(-1, layer.n_heads, layer.d_v)                          # [d_model, H, d_v]
     return torch.einsum('blhd,mhd->bhlm', v, W)
 
-def _f_tstplus(layer, a): # [bs, H, Lk, d_model]
+def _f_tstplus(layer, a, model): # [bs, H, Lk, d_model]
     V = a.get('V')
     if V is None: V = a['Q']  # stock: V defaults to Q
     v = layer.W_V(V).reshape(V.size(0), -1, layer.n_heads, layer.d_v)                # [bs, Lk, H, d_v]
     W = layer.to_out[0].weight.view(-1, layer.n_heads, layer.d_v)                    # [d_model, H, d_v]
     return torch.einsum('blhd,mhd->bhlm', v, W)
 
+def _f_patchtst(layer, a, model): # [bs·n_vars, H, Lk, d_model]
+    v = a['v']                                                                       # [bs·n_vars, H, Lk, d_v], projected
+    mha = next((m for m in (model.modules() if model is not None else ()) if getattr(m, 'sdp_attn', None) is layer), None)
+    if mha is None: raise ValueError("value_norm: the _MultiheadAttention that holds this PatchTST layer was not found: pass the whole model.")
+    W = mha.to_out[0].weight.view(-1, mha.n_heads, mha.d_v)                          # [d_model, H, d_v]
+    return torch.einsum('bhld,mhd->bhlm', v, W)
+
+def _f_torch(layer, a, model): # [bs, H, Lk, d_model]
+    mha, x = layer.self_attn, a['src']
+    if x.is_nested: raise ValueError("value_norm: nested (padded) batches are not supported: pass a plain tensor batch.")
+    if x.dim() == 2: x = x[None]
+    elif not mha.batch_first: x = x.transpose(0, 1)                                  # [bs, L, E]
+    if layer.norm_first: x = layer.norm1(x)
+    E, H = mha.embed_dim, mha.num_heads
+    w = mha.in_proj_weight[2 * E:] if mha.in_proj_weight is not None else mha.v_proj_weight
+    b = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * E:]
+    v = F.linear(x, w, b).view(x.shape[0], x.shape[1], H, -1)                        # [bs, L, H, d_head]
+    return torch.einsum('blhd,mhd->bhlm', v, mha.out_proj.weight.view(E, H, -1))
+
+def _f_perceiver(layer, a, model): # [bs, H, Lk, d_latent]
+    c = a.get('context')
+    if c is None: c = a['x']  # self-attention of the latents
+    v = layer.to_kv(c).chunk(2, dim=-1)[1].view(c.shape[0], -1, layer.n_heads, layer.d_head)  # [bs, Lk, H, d_head]
+    return torch.einsum('blhd,mhd->bhlm', v, layer.to_out[0].weight.view(-1, layer.n_heads, layer.d_head))
+
 VALUE_F = {(Attention, Attention_Rel_Scl, Attention_Rel_Vec): _f_convtranplus,
            (_TSTMHA, _RNNAttentionMHA, _RNNAttentionPlusMHA): _f_tst,
-           (_TSTPlusMHA,): _f_tstplus}  # stock classes (twins are subclasses) -> f(layer, call arguments by name)
+           (_TSTPlusMHA,): _f_tstplus,
+           (_PatchTSTSDP,): _f_patchtst,
+           (nn.TransformerEncoderLayer,): _f_torch,
+           (_PerceiverAttention,): _f_perceiver}  # stock classes (twins are subclasses) -> f(layer, call arguments by name, model)
 
 def value_vectors(layer:nn.Module, # an attention layer, stock or swapped
                   args:tuple, kwargs:dict, # the arguments of one of its calls
+                  model:nn.Module=None, # the model that holds it (PatchTST's output projection lives in the layer's parent)
                  )->torch.Tensor: # [rows, H, Lk, d]: f(x_j) per head and key
     "Each key's value as it reaches the layer's output: f(x_j) of Kobayashi et al. (2020), what 'value_norm' weighs attention by"
     f = getattr(layer_adapter(layer), 'value_vectors', None)  # a family may say it itself
     if f is not None: return f(layer, args, kwargs)
     for classes, f in VALUE_F.items():
-        if isinstance(layer, classes): return f(layer, _bind(layer, args, kwargs))
+        if isinstance(layer, classes): return f(layer, _bind(layer, args, kwargs), model)
     raise ValueError(f"method='value_norm' does not know how the values of {type(layer).__name__} reach its output; it knows "
                      f"{', '.join(c.__name__ for cs in VALUE_F for c in cs)}. Use method='attention' or 'grad_attention'.")
 
@@ -143,28 +175,37 @@ def _drop(base, new, task)->torch.Tensor: # [n]: how much the prediction fell (r
     return (base - new).abs().sum(-1) if task == 'regression' else base - new
 
 class _Maps:
-    "Receiver: each call of each attention layer, in call order, its rows reduced as the method needs"
-    def __init__(self, part, reduce, keep_graph): self.part,self.reduce,self.keep_graph,self.calls,self.f = part,reduce,keep_graph,[],{}
+    """Receiver: each call of each attention layer, in call order, reduced as the method needs as its pieces come (rows from
+    `start`; recomputed and fused layers hand chunks of query rows from `q0`): sums over queries add up, maps are joined"""
+    def __init__(self, method, part, model):
+        self.method,self.part,self.model,self.calls,self.f = method,part,model,[],{}
     def __call__(self, layer, attn, bias, logits, start, q0=None):
-        if q0 is not None: raise ValueError(f"{type(layer).__name__} is a fused layer (tsai_attnviz.fast): relevance needs the "
-                                            "exact maps. Call exact_attention(model) first.")
-        if start == 0:  # a new call; ConvTranPlus hands the rows of a prediction one at a time (start = the row)
+        q0 = q0 or 0
+        if start == 0 and q0 == 0:  # a new call (ConvTranPlus predicts row by row: start = the row)
             n = sum(d['layer'] is layer for d in self.calls)
-            self.calls.append(dict(layer=layer, sm=[], A=[], Lq=attn.shape[-2], Lk=attn.shape[-1],
+            self.calls.append(dict(layer=layer, sm=[], rows={}, Lk=attn.shape[-1], Lq=0, exact=attn.requires_grad,
                                    f=self.f[id(layer)][n] if id(layer) in self.f else None))
         d = self.calls[-1]
-        if self.keep_graph: d['sm'].append(attn)
+        if start == 0: d['Lq'] += attn.shape[-2]  # rows of every start come in the same chunks
+        if self.method == 'grad_attention': d['sm'].append(attn)
         a = attn.detach()
-        if self.part == 'effective' and bias is not None: a = a + bias.detach()          # [rows, H, Lq, Lk]
-        d['A'].append(self.reduce(a))
+        if self.part == 'effective' and bias is not None: a = a + bias.detach()          # [r, H, c, Lk]: c query rows from q0
+        if self.method == 'attention': a = a.sum(-2)                                     # [r, H, Lk]: sums over queries add up
+        elif self.method == 'value_norm': a = a.abs().sum(-2)                            # [r, H, Lk]
+        elif self.method == 'rollout': a = a.mean(1)                                     # [r, c, Lk]: heads averaged
+        if start not in d['rows']: d['rows'][start] = a
+        elif self.method in ('attention', 'value_norm'): d['rows'][start] = d['rows'][start] + a
+        else: d['rows'][start] = torch.cat([d['rows'][start], a], -2)                    # the next query rows
+    def maps(self, d)->torch.Tensor: # [rows, ...]: the call's pieces, rows in order
+        return torch.cat([d['rows'][s] for s in sorted(d['rows'])])
     def pre_hook(self, layer, args, kwargs):
         "‖f(x_j)‖ of this call (value_norm)"
-        with torch.no_grad(): self.f.setdefault(id(layer), []).append(value_vectors(layer, args, kwargs).norm(dim=-1).float())
+        with torch.no_grad(): self.f.setdefault(id(layer), []).append(value_vectors(layer, args, kwargs, self.model).norm(dim=-1).float())
 
-def _pick_layer(layers:list, layer)->int:
-    "Index in `layers` [(name, module)] of `layer`: a number (negative from the end), a name, or None for the last"
+def _pick_layer(layers:list, layer, timed=None)->int:
+    "Index in `layers` [(name, module)] of `layer`: a number (negative from the end), a name, or None: the last in `timed`"
     names = [n for n, _ in layers]
-    if layer is None: return len(layers) - 1
+    if layer is None: return max(i for i, (_, m) in enumerate(layers) if timed is None or timed(m))
     if isinstance(layer, str):
         if layer in names: return names.index(layer)
         raise ValueError(f"layer={layer!r} is not an attention layer of this model: they are {names}.")
@@ -187,27 +228,33 @@ def _attention_relevance(model, x, method, layer, head, target, task, part)->tor
     "Relevance from the maps of one forward (and one backward for grad_attention)"
     bs, _, L = x.shape
     grad = method == 'grad_attention'
-    reduce = dict(attention=lambda a: a.mean(-2), value_norm=lambda a: a.abs().sum(-2),  # keep only what the method reads
-                  rollout=lambda a: a.mean(1, keepdim=True)).get(method, lambda a: a)  # rollout: heads averaged, [rows, 1, Lq, Lk]
-    maps = _Maps(part, reduce, keep_graph=grad)
+    maps = _Maps(method, part, model)
     adapters_for(model, f"relevance(method={method!r})")
     prior = [(m, type(m), {k: m.__dict__[k] for k in _KEPT if k in m.__dict__}) for _, m in attention_layers(model)]
     hooks = []
     try:
         swap_attention(model, keep_weights=False)
         layers = attention_layers(model)                                                 # the swapped layers
-        sel = layers[_pick_layer(layers, layer)][1]
+        names = {id(m): n for n, m in layers}
         for _, m in layers: m.receiver, m.keep_weights = maps, False
         if method == 'value_norm': hooks = [m.register_forward_pre_hook(maps.pre_hook, with_kwargs=True) for _, m in layers]
         with torch.set_grad_enabled(grad):
             xi = x.detach().clone().requires_grad_(grad)  # a graph even when every parameter is frozen
-            out = _out(model, xi)
+            out = _out(model, xi.clone() if grad else xi)  # not the leaf itself: models may write into their input (TSTPlus)
+            def keys(d): return tokens_of(model, names[id(d['layer'])], d['layer'], L, d['Lq'], d['Lk'])['key']
+            called = {id(d['layer']): d for d in maps.calls}                             # the last call of each layer
+            timed = lambda m: id(m) in called and (keys(called[id(m)])[1] >= 0).any()   # keys that are time steps
+            sel = layers[_pick_layer(layers, layer, timed if any(timed(m) for _, m in layers) else None)][1]
             calls = [d for d in maps.calls if d['layer'] is sel]
-            if grad:
+            if grad and not all(d['exact'] for d in calls):
+                raise ValueError(f"grad_attention needs the maps the forward multiplied the values by; {names[id(sel)]} "
+                                 f"({type(sel).__name__}) recomputes them beside the forward (no gradient reaches them). "
+                                 "Use 'attention', 'value_norm', 'rollout' or 'occlusion'.")
+            if grad and calls:
                 sms = [s for d in calls for s in d['sm']]
                 gs = torch.autograd.grad(_score(out, _classes(out, task, target)).sum(), sms, allow_unused=True)
                 gs = iter([torch.zeros_like(s) if g is None else g for s, g in zip(sms, gs)])  # unused: no influence
-                for d in calls: d['g'], d['sm'] = [next(gs).detach() for _ in d['sm']], None
+                for d in calls: d['g'] = torch.cat([next(gs).detach() for _ in d['sm']]); d['sm'] = None
     finally:
         for h in hooks: h.remove()
         for m, cls, kept in prior:  # every layer as it was: stock, or a twin with its own receiver and weights
@@ -215,21 +262,22 @@ def _attention_relevance(model, x, method, layer, head, target, task, part)->tor
             else:
                 for k in _KEPT: m.__dict__.pop(k, None)
                 m.__dict__.update(kept)
-    names = {id(m): n for n, m in layers}
     if not calls: raise ValueError(f"attention layer {names[id(sel)]} was not called in the forward.")
     def steps(d, v): # [rows, Lk] on the keys of call d -> [bs, L] on the input's time steps
-        spans = tokens_of(model, names[id(d['layer'])], d['layer'], L, d['Lq'], d['Lk'])['key'][1]
-        return _per_item(spread_to_steps(v.float().cpu(), spans, L), bs)
+        return _per_item(spread_to_steps(v.float().cpu(), keys(d)[1], L), bs)
     if method == 'rollout':
         upto = max(i for i, d in enumerate(maps.calls) if d['layer'] is sel)
-        R = attention_rollout([torch.cat(d['A']).mean(1) for d in maps.calls[:upto + 1]])  # [rows, n_tok, n_tok]
+        cross = [f"{names[id(d['layer'])]}: {d['Lq']} × {d['Lk']}" for d in maps.calls[:upto + 1] if d['Lq'] != d['Lk']]
+        if cross: raise ValueError(f"rollout follows the same tokens through every layer; this model has cross-attention "
+                                   f"({', '.join(cross)}). Use 'attention', 'value_norm' or 'grad_attention' (layer=...), or 'occlusion'.")
+        R = attention_rollout([maps.maps(d) for d in maps.calls[:upto + 1]])            # [rows, n_tok, n_tok]
         return steps(maps.calls[0], R.mean(-2))
     rel = []
     for d in calls:
-        A = torch.cat(d['A'])                                                            # [rows, H, (Lq,) Lk]
-        if method == 'attention': v = _heads(A, head)                                    # [rows, Lk]
+        A = maps.maps(d)                                                                 # [rows, H, (Lq,) Lk]
+        if method == 'attention': v = _heads(A / d['Lq'], head)                          # [rows, Lk]: mean over queries
         elif method == 'value_norm': v = _heads(A * d['f'], head)                        # Σ_i |α_hij|·‖f_h(x_j)‖
-        else: v = _heads((A * torch.cat(d['g'])).clamp(min=0), head).mean(-2)           # (A ⊙ ∇A)⁺: heads, then queries
+        else: v = _heads((A * d['g']).clamp(min=0), head).mean(-2)                       # (A ⊙ ∇A)⁺: heads, then queries
         rel.append(steps(d, v))
     return torch.stack(rel).mean(0)  # a layer called several times per forward: the mean of its calls
 
@@ -259,7 +307,7 @@ def _occlusion(model, x, target, task, window, stride, bs)->torch.Tensor: # [n, 
 def model_relevance(model:nn.Module, # a model with supported attention layers (any model for 'occlusion')
                     x, # [n, c_in, seq_len], the input as the model takes it (after the batch transforms)
                     method:str='attention', # one of `METHODS`
-                    layer=None, # attention layer: number in `attention_layers(model)` order, or name; None: the last
+                    layer=None, # attention layer: number in `attention_layers(model)` order, or name; None: the last whose keys are time steps
                     head:int=None, # one head; None: the mean over heads ('attention', 'value_norm', 'grad_attention')
                     target:int=None, # class number to explain; None: the predicted class (regression: output number; None: all)
                     task:str='classification', # 'classification', 'multilabel' or 'regression'
@@ -312,7 +360,7 @@ def relevance(self:Learner,
               idx=None, # validation-set indices (int or list), default [0]; with X: rows of X (default: all)
               X=None, # new data [n_samples, n_vars, seq_len] instead of the validation set
               method:str='attention', # 'attention', 'value_norm', 'grad_attention', 'rollout' or 'occlusion' (see `METHODS`)
-              layer=None, # attention layer (number or name); None: the last ('rollout': every layer up to it)
+              layer=None, # attention layer (number or name); None: the last whose keys are time steps ('rollout': every layer up to it)
               head:int=None, # one head; None: the mean over heads
               target=None, # class to explain (label, or number as `class_index` reads it); None: the predicted class
               part:str='effective', # eRPE: 'effective' (softmax + bias) or 'softmax' (what the input changed)
