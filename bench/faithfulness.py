@@ -187,7 +187,7 @@ def table(rows, seeds:int):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--quick', action='store_true', help='10 epochs, at most 16 items per dataset, occlusion stride L//50, '
+    p.add_argument('--quick', action='store_true', help='20 epochs, at most 16 items per dataset, occlusion stride L//50, '
                    "5 random seeds, no step_importance")
     p.add_argument('--datasets', default='BasicMotions,GunPoint,Coffee')
     p.add_argument('--models', default=None, help='default: ConvTranPlus and TSTPlus (when its family is installed); also TST')
@@ -198,7 +198,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     names = a.models.split(',') if a.models else [m for m in ('ConvTranPlus', 'TSTPlus') if m in models()]
     if bad := [m for m in names if m not in models()]: p.error(f"--models: {bad} unknown; use {', '.join(models())}")
-    epochs = dict(BasicMotions=10, GunPoint=10, Coffee=10) if a.quick else dict(BasicMotions=30, GunPoint=30, Coffee=30)
+    epochs = dict(BasicMotions=20, GunPoint=20, Coffee=20) if a.quick else dict(BasicMotions=30, GunPoint=30, Coffee=30)
     seeds = a.seeds or (5 if a.quick else 10)
     if seeds < 5: p.error('--seeds: use 5 or more random rankings')
     run(a.quick, a.datasets.split(','), names, seeds, 16 if a.quick else None, epochs, a.out)
