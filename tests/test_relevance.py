@@ -6,7 +6,7 @@ from tsai.models.TST import TST, _MultiHeadAttention
 from tsai_attnviz.relevance import METHODS, model_relevance, attention_rollout, fill_steps, plot_relevance
 from tsai_attnviz.arch import ADAPTERS
 from tsai_attnviz.arch.convtranplus import ConvTranPlusWithAttn
-from tests.conftest import make_learner, no_leftovers
+from conftest import make_learner, no_leftovers
 
 def hand_convtran(model, x):
     "Logits, effective matrix A (a leaf), softmax, value vectors of a one-layer eRPE ConvTranPlus: stock modules, attention by hand"
