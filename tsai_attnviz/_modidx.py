@@ -19,6 +19,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                                    'tsai_attnviz/arch/convtranplus.py'),
                                                 'tsai_attnviz.arch.convtranplus.ConvTranPlusAdapter': ( 'arch_convtranplus.html#convtranplusadapter',
                                                                                                         'tsai_attnviz/arch/convtranplus.py'),
+                                                'tsai_attnviz.arch.convtranplus.ConvTranPlusAdapter.adds_bias': ( 'arch_convtranplus.html#convtranplusadapter.adds_bias',
+                                                                                                                  'tsai_attnviz/arch/convtranplus.py'),
                                                 'tsai_attnviz.arch.convtranplus.ConvTranPlusAdapter.check': ( 'arch_convtranplus.html#convtranplusadapter.check',
                                                                                                               'tsai_attnviz/arch/convtranplus.py'),
                                                 'tsai_attnviz.arch.convtranplus.ConvTranPlusAdapter.input_shape': ( 'arch_convtranplus.html#convtranplusadapter.input_shape',

@@ -216,7 +216,7 @@ def _check_head(head, model, part='effective'):
     except ValueError as e: raise CLIError(str(e)) from None
     m = attention_layers(model)[0][1]
     n_heads = layer_adapter(m).n_heads(m)
-    if part == 'bias' and not any(hasattr(l, 'relative_bias_table') for _, l in attention_layers(model)):
+    if part == 'bias' and not any(layer_adapter(l).adds_bias(l) for _, l in attention_layers(model)):
         raise CLIError(f"--part bias: {type(model).__name__} adds no bias after its softmax (ConvTranPlus's eRPE does): "
                        "use --part effective or softmax")
     if not 0 <= head < n_heads: raise CLIError(f"--head {head} out of range: the model has {n_heads} heads (0..{n_heads - 1})")

@@ -57,7 +57,7 @@ class MeanMaps:
         L = None if self._shape is None else self._shape[1]
         H = len(self.heads) if self.heads else layer_adapter(sel[0][1]).n_heads(sel[0][1])
         if self.max_len != 'auto': self._len = self.max_len
-        elif not (self.accumulate and self._said_auto): self._len = self._auto_len(L, H, len(sel), any(hasattr(m, 'relative_bias_table') for _, m in sel))  # accumulated maps keep one size
+        elif not (self.accumulate and self._said_auto): self._len = self._auto_len(L, H, len(sel), any(layer_adapter(m).adds_bias(m) for _, m in sel))  # accumulated maps keep one size
         task = self._info['task']
         if self.aggregate == 'class' and task == 'regression':
             raise ValueError("aggregate='class' groups maps by class, but this Learner is a regression (its targets are values): "

@@ -81,7 +81,7 @@ class AttnRecorder(MeanMaps, Probe, Callback):
         self._cur,self._forward,self._in_fit,self._probe_batch = dict(batch=0, epoch=0, split='valid'),0,False,None
         self._bias,self._prev,self._guarded,self._idle,self._len,self._said_auto = {},None,None,True,self.max_len,False
         self._on_gpu = None  # the device whose copies to the host `_keep` waits for
-        self._calls,self._nv,self._in_len = {},{},None  # calls of each layer in this forward; rows per item; input length
+        self._calls,self._nv,self._chunked,self._in_len = {},{},{},None  # calls of each layer in this forward; rows per item; fused layers; input length
         if self._len == 'auto': self._len = None
 
     # `remove_cb` (also at the end of `fit(cbs=...)` and `get_preds(cbs=...)`, whatever way they end) sets `learn` to None:
@@ -255,11 +255,12 @@ class AttnRecorder(MeanMaps, Probe, Callback):
         for n, m in sel: m.receiver = self._receive
         self._names = {id(m): n for n, m in sel}
         self._nv = {id(m): layer_adapter(m).n_vars(model, m) for _, m in sel}  # channel-independent: rows per item
+        self._chunked = {id(m): type(m) in layer_adapter(m).fast.values() for _, m in sel}  # fused: rows of square maps in chunks
         self._agg_layer = id(sel[0][1])  # aggregates follow the first selected layer
         self.recording.meta['agg_layer'] = sel[0][0]
         self._want,self._pending,self._batch_red = [],[],[]
         self.recording.meta.update(heads=self.heads or list(range(n_heads[id(sel[0][1])])), max_len=self._len,
-                                   bias=any(hasattr(m, 'relative_bias_table') for _, m in sel),  # eRPE: maps are softmax + bias
+                                   bias=any(layer_adapter(m).adds_bias(m) for _, m in sel),  # eRPE: maps are softmax + bias
                                    arch=adapter.name, maps=adapter.maps, dropout=adapter.dropout, per_var=adapter.per_var)
         self.recording.meta.setdefault('layer_heads', {}).update({n: self.heads or list(range(n_heads[id(m)])) for n, m in sel})
 
@@ -300,7 +301,7 @@ class AttnRecorder(MeanMaps, Probe, Callback):
         if not (want or agg or fwd['open']): return
         L = softmax.shape[-1]
         # a fused layer's chunks are rows of a square map; any other call holds every query row (cross-attention: Lq != Lk)
-        Lq = L if q0 is not None and type(layer) in layer_adapter(layer).fast.values() else softmax.shape[-2]
+        Lq = L if q0 is not None and self._chunked.get(id(layer)) else softmax.shape[-2]
         q0 = q0 or 0
         k = block_size(max(Lq, L), self._len)
         self.recording.meta.update(seq_len=L, block=k)

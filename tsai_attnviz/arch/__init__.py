@@ -41,6 +41,7 @@ class ArchAdapter:
     def check(self, layer:nn.Module): pass  # raise a clear error before a layer that can't be swapped is changed
     def input_shape(self, model:nn.Module)->tuple|None: return None  # (c_in, seq_len) the model was built for
     def n_heads(self, layer:nn.Module)->int: return layer.n_heads
+    def adds_bias(self, layer:nn.Module)->bool: return False  # an input-independent bias added after the softmax (eRPE)
     def n_vars(self, model:nn.Module, layer:nn.Module)->int: return 1  # rows of the attention batch per item
     def tokens(self, model:nn.Module, name:str, layer:nn.Module, seq_len:int, n_q:int, n_k:int)->dict:
         "dict(query=(kind, spans), key=(kind, spans)): what each query and key of `layer` is; default: time steps"

@@ -118,6 +118,8 @@ class ConvTranPlusAdapter(ArchAdapter):
     def check(self, layer):
         if type(layer) is Attention_Rel_Scl: _check_heads(layer.key.in_features, layer.n_heads)
 
+    def adds_bias(self, layer): return hasattr(layer, 'relative_bias_table')  # eRPE, stock, swapped or fused
+
     def input_shape(self, model):
         "(c_in, seq_len) of a ConvTranPlus-like model, or None when it can't be told"
         try:
