@@ -62,3 +62,24 @@ def no_leftovers(model):
         assert not type(m).__name__.endswith('_With_Weights'), type(m)
         assert m.__dict__.get('receiver') is None
         assert not m._forward_hooks and not m._forward_pre_hooks
+
+def weighted_sum(out):
+    "A scalar whose gradient differs for every output element, so a backward compares every parameter's gradient"
+    return (out * torch.arange(out.numel(), device=out.device).reshape(out.shape)).sum()
+
+def seeded_run(m, x, train, seed=1):
+    "One forward from a fixed seed (train: dropout on, BatchNorm in training mode, and a backward of `weighted_sum`)"
+    m.train(train); torch.manual_seed(seed)
+    out = m(x)
+    if train: weighted_sum(out).backward()
+    return out
+
+def hooked_attention(model, x, train, types):
+    "Each stock layer of `types`' (input, returned attention) for `x`, read with forward hooks during a `seeded_run`"
+    got, hs = [], [m.register_forward_hook(lambda m, i, o: got.append((i[0].detach(), o[1].detach())))
+                   for m in model.modules() if type(m) in types]
+    try: seeded_run(model, x, train)
+    finally:
+        for h in hs: h.remove()
+    return got
+

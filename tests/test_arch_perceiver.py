@@ -6,7 +6,7 @@ import torch.nn as nn
 from tsai.models.TSPerceiver import TSPerceiver, Attention, ScaledDotProductAttention
 from tsai_attnviz.arch import swap_attention, unswap_attention, attention_layers, adapter_for, tokens_of, probe_spans
 from tsai_attnviz.arch.perceiver import TSPerceiverAttention_With_Weights, TSPERCEIVER
-from conftest import make_learner, no_leftovers
+from conftest import make_learner, no_leftovers, weighted_sum
 
 
 def perceiver(seed=0, **kw):
@@ -52,8 +52,8 @@ def check_bitwise(stock, swapped, x):
             torch.manual_seed(2); o1 = stock(x)
             torch.manual_seed(2); o2 = swapped(x)
             assert torch.equal(o1, o2), (train, keep)
-            (o1 * torch.arange(o1.numel()).reshape(o1.shape)).sum().backward()
-            (o2 * torch.arange(o2.numel()).reshape(o2.shape)).sum().backward()
+            weighted_sum(o1).backward()
+            weighted_sum(o2).backward()
             for (n, a), b in zip(stock.named_parameters(), swapped.parameters()):
                 assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.equal(a.grad, b.grad)), n
             stock.zero_grad(); swapped.zero_grad()

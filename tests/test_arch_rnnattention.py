@@ -7,7 +7,7 @@ from tsai.models.RNNAttention import RNNAttention, LSTMAttention, GRUAttention, 
 from tsai.models.RNNAttentionPlus import RNNAttentionPlus, LSTMAttentionPlus, GRUAttentionPlus, _MultiHeadAttention as MHAPlus
 from tsai_attnviz.all import *
 from tsai_attnviz.arch import swap_attention, attention_layers, adapter_for, tokens_of
-from conftest import make_learner, no_leftovers
+from conftest import make_learner, no_leftovers, seeded_run, hooked_attention
 
 ARCHS = [RNNAttention, LSTMAttention, GRUAttention, RNNAttentionPlus, LSTMAttentionPlus, GRUAttentionPlus]
 
@@ -17,20 +17,9 @@ def make(arch, seed=0, bidirectional=True, **kw):
     return arch(3, 4, 12, **{**dict(hidden_size=8, rnn_layers=2, rnn_dropout=0.3, encoder_layers=2, n_heads=3, d_k=4, d_v=7,
                                     d_ff=16, encoder_dropout=0.3, bidirectional=bidirectional), **kw})
 
-def run(m, x, train, seed=1):
-    m.train(train); torch.manual_seed(seed)
-    out = m(x)
-    if train: (out * torch.arange(out.numel()).view_as(out)).sum().backward()
-    return out
+run = seeded_run
 
-def stock_maps(model, x, train):
-    "Each stock layer's (input, returned attention), read with forward hooks on the stock `_MultiHeadAttention`s"
-    got, hs = [], [m.register_forward_hook(lambda m, i, o: got.append((i[0].detach(), o[1].detach())))
-                   for m in model.modules() if type(m) in (MHA, MHAPlus)]
-    try: run(model, x, train)
-    finally:
-        for h in hs: h.remove()
-    return got
+def stock_maps(model, x, train): return hooked_attention(model, x, train, (MHA, MHAPlus))
 
 def test_two_stock_classes_two_twins():
     assert MHA is not MHAPlus  # tsai copies the class into each module

@@ -7,7 +7,7 @@ from tsai.models.TST import TST, _MultiHeadAttention
 from tsai_attnviz.all import *
 from tsai_attnviz.arch import swap_attention, attention_layers, adapter_for, tokens_of
 from tsai_attnviz.arch.tst import tst_spans
-from conftest import make_learner, no_leftovers
+from conftest import make_learner, no_leftovers, seeded_run, hooked_attention
 
 # 16 channels, 3 heads of d_k=4 and d_v=7: d_k·n_heads ≠ d_model, which tsai allows
 CONFIGS = {'linear': {}, 'max_seq_len': dict(max_seq_len=5), 'conv kwargs': dict(kernel_size=3, stride=2, padding=1)}
@@ -16,21 +16,9 @@ def make(seed=0, seq_len=12, **kw):
     torch.manual_seed(seed)
     return TST(3, 4, seq_len, d_model=16, n_heads=3, d_k=4, d_v=7, n_layers=2, d_ff=16, dropout=0.3, **kw)
 
-def run(m, x, train, seed=1):
-    "One forward (train: dropout on, BatchNorm in training mode, and a backward), from a fixed seed"
-    m.train(train); torch.manual_seed(seed)
-    out = m(x)
-    if train: (out * torch.arange(out.numel()).view_as(out)).sum().backward()
-    return out
+run = seeded_run
 
-def stock_maps(model, x, train):
-    "Each stock layer's (input, returned attention), read with forward hooks on the stock `_MultiHeadAttention`s"
-    got, hs = [], [m.register_forward_hook(lambda m, i, o: got.append((i[0].detach(), o[1].detach())))
-                   for m in model.modules() if type(m) is _MultiHeadAttention]
-    try: run(model, x, train)
-    finally:
-        for h in hs: h.remove()
-    return got
+def stock_maps(model, x, train): return hooked_attention(model, x, train, (_MultiHeadAttention,))
 
 @pytest.mark.parametrize('cfg', CONFIGS)
 @pytest.mark.parametrize('keep', [True, False])
