@@ -9,7 +9,11 @@ and
 - insertion: start from the all-mean item and put back the top-k% steps (the rest filled as above), and measure the
   rise of that probability;
 
-k = 5, 10, 20, 30, 40, 50%. AOPC = the mean over k (then over items). Higher is more faithful. Random rankings (5 seeds
+k = 5, 10, 20, 30, 40, 50%. AOPC = the mean over k (then over items). Higher is more faithful. ROAD (Rong et al. 2022)
+removes the top (MoRF) or bottom (LeRF) 10..50% of the steps by noisy linear imputation, which keeps the series in
+distribution: the mean probability of the predicted class, lower for MoRF and higher for LeRF = more faithful. Captum's
+attributions (integrated gradients, saliency, input × gradient, gradient SHAP, feature ablation in windows) are scored
+beside the attention-based methods, with Captum's infidelity on the first items. Random rankings (5 seeds
 or more, mean ± sd over seeds) are the floor; 'occlusion' (a sliding window, replaced by the item's mean) is the
 model-agnostic reference; tsai's `learn.step_importance` (permutation of each step across the validation set; one
 ranking for every item, computed with the validation labels) is tsai's own. The perturbations are applied to the input
@@ -30,6 +34,8 @@ from tsai.models.ConvTranPlus import ConvTranPlus
 from tsai.models.TST import TST
 from tsai_attnviz.cli import load_dataset
 from tsai_attnviz.relevance import model_relevance, fill_steps
+from tsai_attnviz.attributions import captum_relevance, CAPTUM_METHODS
+from tsai_attnviz.faithfulness import road
 from tsai_attnviz.arch import ADAPTERS
 
 KS = (5, 10, 20, 30, 40, 50)  # % of time steps deleted / inserted
@@ -112,7 +118,23 @@ def methods_for(model)->list: # (label, method, part)
     for m in ('attention', 'value_norm', 'grad_attention', 'rollout'):
         out.append((m, m, 'effective'))
         if eRPE: out.append((f'{m}·softmax', m, 'softmax'))
-    return out + [('occlusion', 'occlusion', 'effective')]
+    return out + [('occlusion', 'occlusion', 'effective')] + [(m, m, 'captum') for m in CAPTUM_METHODS]
+
+def relevance_of(model, x, m, part, L, quick):
+    "One method's relevance [n, L]: Captum's (magnitudes; feature ablation in windows of L/50 steps) or the package's"
+    if part == 'captum':
+        kw = dict(feature_mask=(torch.arange(L) // max(1, L // 50)).expand(1, x.shape[1], L)) if m == 'feature_ablation' else {}
+        r = captum_relevance(model, x, m, **kw)
+        return r if m == 'feature_ablation' else np.abs(r)
+    return model_relevance(model, x, m, part=part, stride=1 if not quick else max(1, L // 50))
+
+def infidelity_of(model, x, c, rel, k:int=8)->float:
+    "Captum's infidelity of a relevance over steps (spread evenly over the variables), on the first k items"
+    from captum.metrics import infidelity
+    def perturb(inp): noise = 0.1 * torch.randn_like(inp); return noise, inp - noise
+    attr = torch.as_tensor(np.asarray(rel[:k]), dtype=torch.float32)[:, None].expand(-1, x.shape[1], -1) / x.shape[1]
+    torch.manual_seed(0)
+    return float(infidelity(model, perturb, x[:k], attr, target=c[:k], n_perturb_samples=10).mean())
 
 def run(quick:bool, datasets, model_names, seeds:int, max_items:int|None, epochs:dict, out=None):
     rows, t_all = [], time.time()
@@ -134,7 +156,7 @@ def run(quick:bool, datasets, model_names, seeds:int, max_items:int|None, epochs
             rels = {}
             for label, m, part in methods_for(model):
                 t1 = time.time()
-                try: rels[label] = model_relevance(model, x, m, part=part, stride=1 if not quick else max(1, L // 50))
+                try: rels[label] = relevance_of(model, x, m, part, L, quick)
                 except ValueError as e: print(f"# {name} {ds} {label}: {e}", flush=True); continue
                 rels[label + '_time'] = time.time() - t1
             if not quick:  # one get_X_preds per group of steps: minutes per dataset here
@@ -149,10 +171,17 @@ def run(quick:bool, datasets, model_names, seeds:int, max_items:int|None, epochs
             res = {}
             for f in FILLS:
                 for lab, (d, ins) in aopc(model, x, c, orders, f).items(): res.setdefault(lab, {})[f] = [float(d.mean()), float(ins.mean())]
+            for lab, order in orders.items():  # ROAD on the orders themselves (random: the first seed's)
+                if lab.startswith('random') and lab != 'random0': continue
+                rank = np.argsort(order, 1)                                        # step -> its rank; relevance = -rank
+                res.setdefault(lab, {})['road'] = [float(road(model, x, -rank, c, order=o).mean()) for o in ('morf', 'lerf')]
+                if lab in rels: res[lab]['infidelity'] = infidelity_of(model, x, c, rels[lab])
+            road_rnd = res['random0'].pop('road')
             rnd = [res.pop(f'random{i}') for i in range(seeds)]                   # seeds × {fill: [del, ins]}
             rnd = {f: [r[f] for r in rnd] for f in FILLS}
             res['random'] = {f: np.mean(rnd[f], 0).tolist() for f in FILLS}
             res['random_sd'] = {f: np.std(rnd[f], 0, ddof=1).tolist() for f in FILLS}
+            res['random']['road'] = road_rnd
             rows.append(dict(model=name, dataset=ds, acc=acc, n_items=len(idx), seq_len=L, n_vars=X.shape[1], train_s=t_train,
                              eval_s=time.time() - t0 - t_train, res=res,
                              times={k[:-5]: v for k, v in rels.items() if k.endswith('_time')}))
@@ -184,6 +213,16 @@ def table(rows, seeds:int):
                 cells += f"{val:>22}{ratio}"
             label = f'random ({seeds} seeds)' if m == 'random' else m
             print(f"{r['model']:<13}{r['dataset']:<13}{label:<24}{cells}")
+    print("\nROAD (noisy linear imputation, 10..50% of the steps removed): mean probability of the predicted class; MoRF lower "
+          "and LeRF higher = more faithful. Captum's infidelity (first 8 items; lower is better). Seconds per item.")
+    print(f"{'model':<13}{'dataset':<13}{'method':<24}{'MoRF':>10}{'LeRF':>10}{'infidelity':>12}{'s/item':>10}")
+    for r in rows:
+        for m, v in r['res'].items():
+            if 'road' not in v: continue
+            inf = f"{v['infidelity']:12.4f}" if 'infidelity' in v else f"{'':>12}"
+            t = r['times'].get(m)
+            ts = f"{t / r['n_items']:10.3f}" if t is not None else f"{'':>10}"
+            print(f"{r['model']:<13}{r['dataset']:<13}{m:<24}{v['road'][0]:10.4f}{v['road'][1]:10.4f}{inf}{ts}")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])

@@ -39,7 +39,7 @@ class _NoValid(Callback):
 
 class PatchTSTClassifier(nn.Module):
     "PatchTST's per-variable outputs [bs, c_in, n_classes], averaged over the variables into class logits"
-    def __init__(self, c_in, c_out, seq_len, **kw):
+    def __init__(self, c_in, c_out, seq_len, pred_dim=None, **kw):  # tsai's build_ts_model passes pred_dim=None
         super().__init__(); self.m = PatchTST(c_in, c_in, seq_len, pred_dim=c_out, **kw)
     def forward(self, x): return self.m(x).mean(1)
 

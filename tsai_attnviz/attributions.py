@@ -39,7 +39,7 @@ class _Explained(nn.Module):
     "The model's output as one number per item for Captum: the chosen output, or the sum of the outputs (target=None)"
     def __init__(self, model:nn.Module, summed:bool): super().__init__(); self.model,self.summed = model,summed
     def forward(self, x):
-        o = self.model(x)
+        o = self.model(x.clone())  # some models (TSTPlus) write into their input: never into Captum's leaf
         o = (o[0] if isinstance(o, (tuple, list)) else o).reshape(len(x), -1)         # [n, n_outputs]
         return o.sum(-1) if self.summed else o
 
