@@ -174,6 +174,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'tsai_attnviz.cli._positive': ('cli.html#_positive', 'tsai_attnviz/cli.py'),
                                   'tsai_attnviz.cli._report': ('cli.html#_report', 'tsai_attnviz/cli.py'),
                                   'tsai_attnviz.cli._show': ('cli.html#_show', 'tsai_attnviz/cli.py'),
+                                  'tsai_attnviz.cli._tracker_cbs': ('cli.html#_tracker_cbs', 'tsai_attnviz/cli.py'),
                                   'tsai_attnviz.cli.check_data': ('cli.html#check_data', 'tsai_attnviz/cli.py'),
                                   'tsai_attnviz.cli.check_labels': ('cli.html#check_labels', 'tsai_attnviz/cli.py'),
                                   'tsai_attnviz.cli.load_dataset': ('cli.html#load_dataset', 'tsai_attnviz/cli.py'),
