@@ -349,8 +349,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                             'tsai_attnviz/recorder.py'),
                                        'tsai_attnviz.recorder.AttnRecorder.before_validate': ( 'recorder.html#attnrecorder.before_validate',
                                                                                                'tsai_attnviz/recorder.py'),
-                                       'tsai_attnviz.recorder.AttnRecorder.dtype': ( 'recorder.html#attnrecorder.dtype',
-                                                                                     'tsai_attnviz/recorder.py'),
                                        'tsai_attnviz.recorder.AttnRecorder.learn': ( 'recorder.html#attnrecorder.learn',
                                                                                      'tsai_attnviz/recorder.py'),
                                        'tsai_attnviz.recorder.AttnRecorder.wanted': ( 'recorder.html#attnrecorder.wanted',

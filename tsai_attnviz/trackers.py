@@ -74,9 +74,10 @@ def learner_trackers(learn)->list:
 
 # %% ../nbs/03c_trackers.ipynb #tk000011
 def _row_label(meta, r, calls:bool=False)->str:
-    "'Item 3 · Walking' and the prediction, as tsai decodes them; the variable, and the call where a layer runs several times a forward"
+    "'Item 3 · True: Walking' and the prediction, as tsai decodes them; the variable, and the call where a layer runs several times a forward"
     extra = (f' · var {r["var"]}' if r.get('var') is not None else '') + (f' · call {r["call"]}' if calls else '')
-    t = '' if 'task' not in meta else f' · {decode_target(meta, r["target"])}'
+    t = '?' if 'task' not in meta else decode_target(meta, r['target'])
+    t = '' if t == '?' else f' · True: {t}'
     p = '' if 'task' not in meta else f'\nPred: {decode_pred(meta, r["pred"])}'
     return f'Item {r["idx"]}{extra}{t}{p}'
 
@@ -84,6 +85,7 @@ def probe_logs(recording:AttnRecording, # the recorder's recording
                epoch:int, # the probe to log: 0 before training, n after epoch n
                prefix:str='attention', # first part of every tag
                stats=TRACKED_STATS, # the statistics logged per head; those a layer lacks (bias_share) are skipped
+               max_rows:int=8, # rows of a head grid at most: where an item has several rows (PatchTST's variables), the first of each item
               )->tuple: # (figures: tag -> Figure, scalars: tag -> float)
     "The head grid of each layer and the per-head statistics of the latest probe recorded at `epoch`"
     rec = recording.filter(split='probe', epoch=epoch)
@@ -93,9 +95,13 @@ def probe_logs(recording:AttnRecording, # the recorder's recording
     for layer in dict.fromkeys(r['layer'] for r in rec.records):
         rs = [r for r in rec.records if r['layer'] == layer]
         calls = len({r.get('call') for r in rs}) > 1  # TSPerceiver's shared layers: one row per call
-        figs[f'{prefix}/{layer}'] = plot_head_grid([r['weights'] for r in rs], head_labels=rec.heads_of(layer), seq_len=rec.seq_len,
-            row_labels=[_row_label(rec.meta, r, calls) for r in rs], tokens=rec.tokens(layer),
-            suptitle=f'{layer}, ' + ('before training' if epoch == 0 else f'after epoch {epoch}'))
+        items = list(dict.fromkeys(r['idx'] for r in rs))
+        k = max(1, max_rows // len(items))
+        shown = [x for i in items for x in [r for r in rs if r['idx'] == i][:k]]
+        note = '' if len(shown) == len(rs) else f' ({len(shown)} of {len(rs)} rows: the first {k} of each item)'
+        figs[f'{prefix}/{layer}'] = plot_head_grid([r['weights'] for r in shown], head_labels=rec.heads_of(layer), seq_len=rec.seq_len,
+            row_labels=[_row_label(rec.meta, r, calls) for r in shown], tokens=rec.tokens(layer),
+            suptitle=f'{layer}, ' + ('before training' if epoch == 0 else f'after epoch {epoch}') + note)
     if any(r.get('stats') is not None for r in rec.records):
         df = rec.stats_df(per='forward')
         for row in df.itertuples():
