@@ -23,6 +23,7 @@ Modules:
 - `tsai_attnviz.recorder`: `AttnRecorder`, a fastai callback that copies selected attention maps while a Learner validates or predicts.
 - `tsai_attnviz.recording`: `AttnRecording`: recorded maps with the inputs, targets, predictions and indices that go with them, and its file format.
 - `tsai_attnviz.reduce`: Block means, the attention each key receives and each query's entropy: what keeps long maps small.
-- `tsai_attnviz.relevance`: Which time steps of the input matter to the prediction: five relevance methods, mapped back to time steps, and a plot."""
+- `tsai_attnviz.relevance`: Which time steps of the input matter to the prediction: five relevance methods, mapped back to time steps, and a plot.
+- `tsai_attnviz.trackers`: Where fastai users watch training: `AttnRecorder(every_epoch=True)` logs the probe's head grid and per-head statistics each epoch to TensorBoard or Weights & Biases."""
 
 __version__ = "0.1.0"

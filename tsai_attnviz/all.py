@@ -28,3 +28,8 @@ __all__ = _l.__all__ + _a.__all__ + _red.__all__ + _rg.__all__ + _r.__all__ + _p
 for _m in pkgutil.iter_modules(_a.__path__):  # every family's classes (twins, adapters), as `from tsai_attnviz.arch.<family> import *`
     _fam = importlib.import_module(f'tsai_attnviz.arch.{_m.name}')
     globals().update({k: getattr(_fam, k) for k in _fam.__all__}); __all__ = __all__ + list(_fam.__all__)
+
+# %% ../nbs/99_all.ipynb #al0tk001
+from .trackers import *  # TensorBoard / W&B logging of the probe (imports neither)
+from . import trackers as _tk
+__all__ = __all__ + _tk.__all__

@@ -146,6 +146,17 @@ def write_figures(learn, out:Path, idxs:list, head:int=0, X=None, y=None, max_le
     plt.close('all')
     return files
 
+# %% ../nbs/07_cli.ipynb #cl0tb002
+def _tracker_cbs(a, y, splits)->list:
+    "With `--tensorboard DIR`: fastai's TensorBoardCallback writing to DIR, and a probe recorder that logs to its writer"
+    if not getattr(a, 'tensorboard', None): return []
+    try: from fastai.callback.tensorboard import TensorBoardCallback
+    except ImportError: raise CLIError("--tensorboard needs tensorboard: pip install 'tsai-attnviz[trackers]'") from None
+    from tsai_attnviz.recorder import AttnRecorder
+    yv = np.asarray(y)[splits[1]]
+    probe = ([int(np.flatnonzero(yv == c)[0]) for c in np.unique(yv)] if yv.ndim == 1 else list(range(len(yv))))[:4]  # forecasts: the first 4
+    return [TensorBoardCallback(a.tensorboard, trace_model=False, log_preds=False), AttnRecorder(every_epoch=True, probe=probe)]
+
 # %% ../nbs/07_cli.ipynb #7b57d6e6
 def _demo(a):
     from tsai.basics import TSClassifier, TSForecaster, TSClassification, accuracy, mae, set_seed
@@ -167,7 +178,7 @@ def _demo(a):
         from tsai_attnviz.fast import fast_attention
         fast_attention(learn.model)
     t = time.time()
-    learn.fit_one_cycle(a.epochs, a.lr)
+    learn.fit_one_cycle(a.epochs, a.lr, cbs=_tracker_cbs(a, y, splits))  # --tensorboard: losses and the probe's attention
     score = learn.validate()[1]
     print(f"Trained {arch} {a.epochs} epochs{' with fused attention' if a.fast else ''} in {time.time() - t:.0f} s: "
           + (f"valid MAE {score:.3f}" if forecast else f"valid accuracy {score:.3f}"))
@@ -175,6 +186,7 @@ def _demo(a):
     else:
         yv = np.asarray(y)[splits[1]]
         idxs = [int(np.flatnonzero(yv == c)[0]) for c in np.unique(yv)][:a.max_classes]  # one valid item per class
+    if a.tensorboard: print(f"  TensorBoard log: {a.tensorboard} (tensorboard --logdir {a.tensorboard})")
     _report(write_figures(learn, Path(a.out), idxs, head=a.head, max_len=a.max_len, max_classes=a.max_classes, html=a.html, part=a.part))
     if a.export: learn.export(Path(a.out).resolve()/'learner.pkl'); print(f"  learner: {Path(a.out)/'learner.pkl'}")
 
@@ -246,6 +258,7 @@ def _parser():
     d.add_argument('--max-classes', type=int, default=6,
                    help='items shown: one per class, at most this many; per-class mean maps up to this many classes')
     d.add_argument('--export', action='store_true', help='also write learner.pkl (learn.export) to --out')
+    d.add_argument('--tensorboard', metavar='DIR', help='also log losses and, each epoch, the attention of one item per class to a TensorBoard log in DIR')
     s = sub.add_parser('show', help="the same figures for your exported learner (learn.export()) and data")
     for q in (d, s):
         q.add_argument('--part', default='effective', choices=('effective', 'softmax', 'bias'),

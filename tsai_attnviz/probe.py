@@ -68,3 +68,4 @@ class Probe:
                 self._detach()
             self._keep(x, y, pred)
             self._want = []
+            self.tracking.log(self, epoch)  # to the Learner's TensorBoard / W&B, or log_to's (see `tsai_attnviz.trackers`)

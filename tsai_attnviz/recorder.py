@@ -20,6 +20,7 @@ from .recording import AttnRecording, _to_dtype, _record_bytes, to_host, host_re
 from .data import target_info, nonfinite_message
 from .mean_maps import MeanMaps
 from .probe import Probe, _batch_idxs
+from .trackers import ProbeLog
 
 # %% auto #0
 __all__ = ['AttnRecorder']
@@ -60,6 +61,7 @@ class AttnRecorder(MeanMaps, Probe, Callback):
         every_epoch:bool=False, # during fit: record the probe before training and after each epoch, instead of valid batches
         probe=None, # validation-set indices run by `every_epoch` (default: [0])
         stats:bool=None, # per-record statistics at full resolution (see `head_stats`); default: on with every_epoch
+        log_to=None, # where every_epoch logs each probe (`tsai_attnviz.trackers`): None, the Learner's TensorBoardCallback / WandbCallback; a SummaryWriter, a W&B run, a list; False: nowhere
     ):
         if aggregate not in (None, 'mean', 'class', 'bins'):
             raise ValueError(f"aggregate={aggregate!r}: use None, 'mean', 'class' (classifiers) or 'bins' (regression).")
@@ -72,6 +74,7 @@ class AttnRecorder(MeanMaps, Probe, Callback):
         self.stats = every_epoch if stats is None else stats
         self.batches,self.samples,self.idxs,self.heads = _as_list(batches),_as_list(samples),_as_list(idxs),_as_list(heads)
         self.dtype = _to_dtype(dtype)
+        self.tracking = ProbeLog(log_to, every_epoch)  # figures and per-head statistics of each probe, to TensorBoard / W&B
         self._init_state()
 
     def _init_state(self):
