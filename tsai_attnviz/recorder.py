@@ -20,6 +20,7 @@ from .recording import AttnRecording, _to_dtype, _record_bytes, to_host, host_re
 from .data import target_info, nonfinite_message
 from .mean_maps import MeanMaps
 from .probe import Probe, _batch_idxs
+import tsai_attnviz.export  # noqa: F401 (learn.export() holds no recorder)
 
 # %% auto #0
 __all__ = ['AttnRecorder']
