@@ -22,7 +22,7 @@ from .layers import _NOT_KEPT
 __all__ = ['exportable']
 
 # %% ../nbs/03c_export.ipynb #ex000006
-_PKG = __name__.split('.')[0]  # 'tsai_attnviz'
+_PKG = 'tsai_attnviz'
 _HOOKS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
 _LAYER_ATTRS = ('keep_weights', 'chunk') + _NOT_KEPT  # what a twin or fused layer sets on its instance
 
