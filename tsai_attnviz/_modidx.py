@@ -258,6 +258,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'tsai_attnviz.learner._pick': ('learner.html#_pick', 'tsai_attnviz/learner.py'),
                                       'tsai_attnviz.learner._query_rows': ('learner.html#_query_rows', 'tsai_attnviz/learner.py'),
                                       'tsai_attnviz.learner._recorder': ('learner.html#_recorder', 'tsai_attnviz/learner.py'),
+                                      'tsai_attnviz.learner._recording': ('learner.html#_recording', 'tsai_attnviz/learner.py'),
                                       'tsai_attnviz.learner._reference_maps': ('learner.html#_reference_maps', 'tsai_attnviz/learner.py'),
                                       'tsai_attnviz.learner._row_label': ('learner.html#_row_label', 'tsai_attnviz/learner.py'),
                                       'tsai_attnviz.learner._series': ('learner.html#_series', 'tsai_attnviz/learner.py'),

@@ -23,8 +23,23 @@ __all__ = []
 
 # %% ../nbs/06_learner.ipynb #5aac1a89
 def _recorder(learn):
-    "The `AttnRecorder` attached to `learn`, if any"
-    return next((cb for cb in learn.cbs if isinstance(cb, AttnRecorder)), None)
+    "The `AttnRecorder` the views read by default: the last one added to `learn` (None: none is attached)"
+    return next((cb for cb in reversed(learn.cbs) if isinstance(cb, AttnRecorder)), None)
+
+def _recording(learn, recorder=None, # an `AttnRecorder` (attached or not) or an `AttnRecording`; None: the last recorder added
+               new_data:bool=False)->AttnRecording|None: # None: record on the spot
+    "The recording a view reads: `recorder`'s, else that of the last `AttnRecorder` added to `learn`"
+    if recorder is None:
+        cb = _recorder(learn)
+        return None if cb is None or new_data else cb.recording
+    if isinstance(recorder, AttnRecorder): rec = recorder.recording
+    elif isinstance(recorder, AttnRecording): rec = recorder
+    else: raise TypeError(f"recorder={recorder!r}: pass an AttnRecorder (attached or not) or an AttnRecording, or leave it None "
+                          "for the last AttnRecorder added to the Learner.")
+    if new_data: raise ValueError("recorder= draws what it recorded, and dl=/X= records new data here: pass recorder= or dl=/X=, not both.")
+    if not len(rec) and not rec.aggregates: raise ValueError("recorder= holds no records: run a pass with it first "
+                                                             "(learn.get_preds(cbs=[recorder])), or leave recorder=None to record here.")
+    return rec
 
 def _check_head(head, heads):
     "An error naming the recorded heads when `head` (None: all) is not among them"
@@ -135,6 +150,7 @@ def show_attention(self:Learner,
                    epoch:int=None, forward:int=None, tag=None, # which pass to draw when several recorded an item (default: the latest)
                    var:int=None, # channel-independent models (PatchTST): the variable whose map to draw (default: the first recorded)
                    call:int=None, # a layer called several times a forward (TSPerceiver's shared weights): which call (default: the first)
+                   recorder=None, # the AttnRecorder (or AttnRecording) to draw from; None: the last AttnRecorder added to the Learner
                    dl=None, X=None, y=None, # data to record from when nothing is recorded yet
                    shared_scale:bool=True, # one colour scale for a grid
                    max_len:int=500, # when recording here: reduce maps to at most this many cells a side (screen size)
@@ -147,14 +163,13 @@ def show_attention(self:Learner,
     if query is not None and view != 'series': raise ValueError("query=... draws a row of the map over the input: pass view='series'.")
     if view == 'relevance': return _show_relevance(self, 0 if idx is None else idx, X, method, layer, head, part, path, **kwargs)
     if layer is None: layer = 0
-    cb = _recorder(self)
-    rec = cb.recording if cb is not None else None
+    rec = _recording(self, recorder, dl is not None or X is not None)
     if aggregate is not None:
         if aggregate not in ('mean', 'class', 'bins'): raise ValueError(f"aggregate={aggregate!r}: use 'mean', 'class' or 'bins'.")
-        if rec is None or not rec.aggregates or dl is not None or X is not None:
+        if rec is None or (recorder is None and not rec.aggregates):
             rec = self.record_attention(dl=dl, X=X, y=y, batches=None, samples=[], aggregate=aggregate, max_len=max_len)
         return _show_aggregate(self, rec, aggregate, head, shared_scale, path, classes, part)
-    if rec is None or not len(rec) or dl is not None or X is not None:
+    if rec is None or (recorder is None and not len(rec)):
         sel = dict(idxs=listify(idx)) if idx is not None else dict(batches=listify(batch or 0), samples=listify(sample or 0))
         rec = self.record_attention(dl=dl, X=X, y=y, max_len=max_len, **sel)
         if not len(rec): raise IndexError(f"Nothing recorded for {sel}: the data has fewer batches or items than that.")
@@ -343,10 +358,11 @@ def show_attention_evolution(self:Learner,
                              layer=0, # attention layer, by number or name
                              stats=('entropy', 'bias_share', 'mean_distance', 'rowsum_min', 'rowsum_max'), # statistics below (bias_share: with a bias); None: none
                              part:str='effective', # the part of the maps to draw: 'effective', 'softmax' or 'bias'
+                             recorder=None, # the AttnRecorder (or AttnRecording) to draw from; None: the last AttnRecorder added
                              path=None)->plt.Figure:
     "Probe maps across epochs, with their statistics across epochs"
-    cb = _recorder(self)
-    rec = None if cb is None else cb.recording.filter(split='probe')
+    rec = _recording(self, recorder)
+    rec = None if rec is None else rec.filter(split='probe')
     if rec is None or not len(rec): raise ValueError("No probe recorded: fit with learn.add_cb(AttnRecorder(every_epoch=True, probe=[...])).")
     probe = sorted(set(rec.idxs))
     idx = probe[0] if idx is None else idx

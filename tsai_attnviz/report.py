@@ -14,7 +14,7 @@ from fastai.learner import Learner
 from .arch.convtranplus import Attention_Rel_Scl_With_Weights
 from .reduce import _pool_keys
 from .recording import AttnRecording, _to_dtype
-from .learner import _recorder, _pick, _info
+from .learner import _recording, _pick, _info
 from .data import item_title, decode_target
 
 # %% auto #0
@@ -333,11 +333,11 @@ def attention_report(self:Learner,
                      max_len:int=500, # when recording here: maps reduced to at most this many cells a side
                      dtype='float16', # when recording here: exact to float16, half the size of float32
                      aggregate:str=None, # when recording here: 'mean' or 'class' adds mean maps over the whole pass
+                     recorder=None, # the AttnRecorder (or AttnRecording) to report; None: the last AttnRecorder added to the Learner
                      **kwargs)->AttnReport: # passed to `AttnRecording.to_html` (title, var_names, ...)
-    "An interactive attention report in one offline HTML file, from an attached `AttnRecorder` or recorded on the spot"
-    cb = _recorder(self)
-    rec = cb.recording if cb is not None else None
-    if rec is None or not len(rec) or dl is not None or X is not None:
+    "An interactive attention report in one offline HTML file, from the last `AttnRecorder` added (or `recorder=`), or recorded on the spot"
+    rec = _recording(self, recorder, dl is not None or X is not None)
+    if rec is None or (recorder is None and not len(rec)):
         sel = dict(idxs=listify(idx)) if idx is not None else dict(batches=[batch], samples=list(range(4)) if sample is None else listify(sample))
         rec = self.record_attention(dl=dl, X=X, y=y, max_len=max_len, dtype=dtype, aggregate=aggregate, **sel)
         if not len(rec): raise IndexError(f"Nothing recorded for {sel}: the data has fewer batches or items than that.")
