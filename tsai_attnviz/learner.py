@@ -13,7 +13,7 @@ import torch
 import matplotlib.pyplot as plt
 from fastcore.basics import patch, listify
 from fastai.learner import Learner
-from .data import check_X, target_info, item_title, decode_target, class_index
+from .data import check_X, target_info, item_title, decode_target, class_index, _name
 from .recorder import AttnRecorder, _model_input
 from .recording import AttnRecording, PARTS
 from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, plot_attention_stats, _check_index, _finish, _steps
@@ -146,7 +146,7 @@ def show_attention(self:Learner,
                    relative_to:str=None, # 'class' or 'mean': draw the item's map minus its class's (or every item's) mean map
                    method='attention', # view='relevance': a method of `Learner.relevance`, or a list of them (one row each)
                    aggregate:str=None, # 'mean', 'class' or 'bins': the mean maps recorded with AttnRecorder(aggregate=...)
-                   classes=None, # with aggregate='class': the classes to draw, as labels (vocab names, e.g. GunPoint's 1); None: all
+                   classes=None, # with aggregate='class': the classes to draw, as labels (vocab names, e.g. GunPoint's 1); 'bins': the bins, as `group_keys` names them; None: all
                    epoch:int=None, forward:int=None, tag=None, # which pass to draw when several recorded an item (default: the latest)
                    var:int=None, # channel-independent models (PatchTST): the variable whose map to draw (default: the first recorded)
                    call:int=None, # a layer called several times a forward (TSPerceiver's shared weights): which call (default: the first)
@@ -245,7 +245,8 @@ def _reference_maps(learn, rec, recs, relative_to, part, name)->torch.Tensor: # 
     for r in recs:
         if kind == 'class':
             c = r['target'] if isinstance(r['target'], int) else int(r['pred'].argmax()) if r['pred'] is not None else None
-            if c not in src.aggregates.get('class', {}): raise ValueError(f"No mean map for class {c}: the pass recorded classes {sorted(src.aggregates.get('class', {}))}.")
+            c = None if c is None else _name(_info(learn, src), c)  # class means are keyed by label
+            if c not in src.aggregates.get('class', {}): raise ValueError(f"No mean map for class {c}: the pass recorded classes {src.group_keys}.")
             m = src.mean_map(c)
         else: m = src.mean_map()
         if part == 'softmax' and (b := src.bias(name)) is not None: m = m - b['weights']
@@ -324,18 +325,17 @@ def _show_aggregate(learn, rec, aggregate, head, shared_scale, path, classes=Non
     if aggregate in ('class', 'bins'):
         if aggregate not in rec.aggregates: raise ValueError(f"No per-{'class' if aggregate == 'class' else 'bin'} maps: record with "
                                                              f"AttnRecorder(aggregate={aggregate!r}).")
-        have = sorted(rec.aggregates[aggregate])
-        if aggregate == 'class':
-            names = {c: decode_target(dict(info, task='classification'), c) for c in have}
-            want = have if classes is None else [class_index(info, c) for c in listify(classes)]
-            bad = [c for c in want if c not in have]
-            if bad: raise ValueError(f"classes {[names.get(c, c) for c in bad]} have no mean map: recorded classes are "
-                                     f"{[names[c] for c in have]}.")
-            labels = [f"Class {names[c]} (n={rec.aggregates['class'][c][1]})" for c in want]
-        else:
-            e = rec.meta['bin_edges']
-            want = have
-            labels = [f"{by} y in [{e[c]:.4g}, {e[c + 1]:.4g}{']' if c == len(e) - 2 else ')'} (n={rec.aggregates['bins'][c][1]})" for c in want]
+        have = rec.group_keys  # labels (class means) or ranges (bins), as the figures write them
+        if classes is None: want = have
+        elif aggregate == 'class':
+            for c in listify(classes):
+                if info.get('vocab') is not None: class_index(info, c)  # a label the model does not know: say which it knows
+            want = [str(c) for c in listify(classes)]
+        else: want = listify(classes)
+        bad = [c for c in want if c not in have]
+        if bad: raise ValueError(f"{'classes' if aggregate == 'class' else 'bins'} {bad} have no mean map: recorded are {have}.")
+        labels = [f"Class {c}" if aggregate == 'class' else f"{by} {c}".strip() for c in want]  # 'true y in [0.5, 1.2)'
+        labels = [f"{l} (n={rec.aggregates[aggregate][c][1]})" for l, c in zip(labels, want)]
         maps = torch.stack([rec.mean_map(c) for c in want])
         title = f"Mean attention per {'class' if aggregate == 'class' else 'target bin'}" + (f", grouped by {by} label" if by else '')
     else: maps, labels, title = rec.mean_map()[None], [f"Mean (n={rec.aggregates['mean'][1]})"], 'Mean attention'
