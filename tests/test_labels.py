@@ -8,6 +8,7 @@ from tsai.models.ConvTranPlus import ConvTranPlus
 from tsai_attnviz.all import *
 from tsai_attnviz.cli import load_dataset
 from conftest import make_learner, no_leftovers
+from test_bins import row_labels
 
 @pytest.fixture(scope='module')
 def regression():
@@ -41,14 +42,17 @@ def test_regression_refuses_class_means_and_offers_bins(regression):
     learn.get_preds(cbs=[rec])
     r = rec.recording
     edges = np.quantile(y[splits[0]], np.linspace(0, 1, 5))  # quartiles of the training targets, computed here
-    np.testing.assert_allclose(r.meta['bin_edges'], edges, rtol=1e-6)
-    yv = y[splits[1]]
-    want = {int(b): int(n) for b, n in zip(*np.unique(np.clip(np.searchsorted(edges, yv, side='right') - 1, 0, 3), return_counts=True))}
-    assert {k: v[1] for k, v in r.aggregates['bins'].items()} == want
+    # written with 4 significant digits (the figures write them exactly): within half a unit of the 4th digit
+    np.testing.assert_allclose(r.meta['bin_edges'], edges, rtol=5e-4)
+    e, yv = r.meta['bin_edges'], y[splits[1]]
+    # by hand: below the first edge, the four bins (the last one closed), above the last edge
+    parts = [yv < e[0]] + [(yv >= a) & (yv < b) for a, b in zip(e[:3], e[1:4])] + [(yv >= e[3]) & (yv <= e[4]), yv > e[4]]
+    want = {k: int(m.sum()) for k, m in zip(bin_labels(e), parts) if m.any()}
+    assert {k: v[1] for k, v in r.aggregates['bins'].items()} == want and sum(want.values()) == len(yv)
     learn.add_cb(rec)
     try:
         f = learn.show_attention(aggregate='bins')
-        assert f.axes[0].get_ylabel().startswith(f'true y in [{edges[0]:.4g}, {edges[1]:.4g}) (n=')
+        assert row_labels(f) == [f'true {k} (n={n})' for k, n in want.items()]
     finally: learn.remove_cb(rec); plt.close('all')
 
 def test_forecaster_titles():
@@ -100,5 +104,43 @@ def test_class_means_group_by_true_label_not_prediction(bm_data):
     targets = torch.tensor(r.targets)
     assert (r.preds.argmax(-1) != targets).any()  # the case where grouping matters
     for c in targets.unique().tolist():
-        torch.testing.assert_close(r.mean_map(c), r.weights[targets == c].double().mean(0).float())
+        torch.testing.assert_close(r.mean_map(learn.dls.vocab[c]), r.weights[targets == c].double().mean(0).float())  # keyed by label
     assert r.meta['agg_by'] == 'target'
+
+def test_class_means_keyed_by_label_pigcvp(tmp_path):
+    "Issue 17 §10: PigCVP's 52 classes ('1', '10', '11', ...): the keys the recording exposes go back into the views as they are"
+    X, y, splits = load_dataset('PigCVP')
+    X = X[:, :, :60]  # the first 60 steps: the labels are what matters here, not the length
+    learn = make_learner(X, y, splits)
+    rec = AttnRecorder(batches=None, samples=[], aggregate='class', max_len=10)
+    with learn.no_bar(): learn.get_preds(cbs=[rec])
+    r = rec.recording
+    yv = y[splits[1]]
+    assert r.group_keys == [c for c in learn.dls.vocab if c in set(yv)]  # labels, in tsai's vocab order
+    assert {k: n for k, (_, n) in r.aggregates['class'].items()} == {c: int((yv == c).sum()) for c in set(yv)}  # counted by hand
+    keys = sorted(r.aggregates['class'])[:2]
+    f = learn.show_attention(aggregate='class', classes=keys, recorder=rec)
+    assert row_labels(f) == [f"Class {k} (n={int((yv == k).sum())})" for k in keys]
+    torch.testing.assert_close(r.mean_map(keys[0]), r.aggregates['class'][keys[0]][0].float() / int((yv == keys[0]).sum()))
+    r2 = AttnRecording.load(r.save(tmp_path/'pig.npz'))
+    assert r2.group_keys == r.group_keys and all(torch.equal(r2.mean_map(k), r.mean_map(k)) for k in keys)
+    plt.close('all')
+
+def test_old_recordings_load_with_label_keys(tmp_path):
+    "A version 3 file keyed its class means by class number and its bins by bin number: loaded, both are keyed as the figures write them"
+    import json
+    rec = AttnRecording(aggregates={'mean': (torch.ones(2, 3, 3) * 6, 6), 'class': {0: (torch.ones(2, 3, 3), 1), 1: (torch.ones(2, 3, 3) * 5, 5)}},
+                        meta=dict(task='classification', vocab=['1', '10'], heads=[0, 1]))
+    p = rec.save(tmp_path/'old.npz')
+    z = dict(np.load(p)); meta = json.loads(str(z['meta'])); meta['version'] = 3
+    z['meta'] = np.array(json.dumps(meta)); z['agg_class_keys'] = np.array([0, 1]); np.savez(p, **z)
+    r = AttnRecording.load(p)
+    assert r.group_keys == ['1', '10'] and r.aggregates['class']['10'][1] == 5
+    b = AttnRecording(aggregates={'bins': {0: (torch.ones(1, 2, 2), 2), 2: (torch.ones(1, 2, 2), 3)}},
+                      meta=dict(task='regression', bin_edges=[0., 1., 2., 3.], heads=[0]))
+    p = b.save(tmp_path/'oldb.npz')
+    z = dict(np.load(p)); meta = json.loads(str(z['meta'])); meta['version'] = 3; meta.pop('bin_keys', None)
+    z['meta'] = np.array(json.dumps(meta)); z['agg_bins_keys'] = np.array([0, 2]); np.savez(p, **z)
+    r = AttnRecording.load(p)
+    # the old end bins took every item beyond the edges: their labels are open
+    assert list(r.aggregates['bins']) == ['y < 1', 'y ≥ 2'] and r.group_keys == ['y < 1', 'y ≥ 2']

@@ -63,8 +63,9 @@ def test_aggregates_against_direct_computation(bm_learner):
     full = block_mean(stock_effective_attention(bm_learner.model, X), 4)  # [40, 8, 25, 25]
     torch.testing.assert_close(r.mean_map(), full.mean(0), rtol=1e-5, atol=1e-7)
     for c in y.unique().tolist():
-        torch.testing.assert_close(r.mean_map(c), full[y == c].mean(0), rtol=1e-5, atol=1e-7)
-        assert r.aggregates['class'][c][1] == int((y == c).sum())
+        label = bm_learner.dls.vocab[c]  # class means are keyed by label
+        torch.testing.assert_close(r.mean_map(label), full[y == c].mean(0), rtol=1e-5, atol=1e-7)
+        assert r.aggregates['class'][label][1] == int((y == c).sum())
 
 def test_recorder_holds_no_full_batch():
     "While recording, the swapped layer holds no maps once its forward has returned; only selected, reduced maps are kept"

@@ -21,7 +21,7 @@ def test_bins_put_a_target_on_an_edge_in_the_bin_it_starts(bm_data):
     rec = AttnRecorder(batches=None, samples=[], aggregate='bins', bins=[0, 1, 2, 3], max_len=20)
     learn.get_preds(cbs=[rec])
     yv = y[splits[1]]
-    want = {0: (yv == 0).sum(), 1: (yv == 1).sum(), 2: ((yv == 2) | (yv == 3)).sum()}  # [0, 1), [1, 2), [2, 3]
+    want = {'y in [0, 1)': (yv == 0).sum(), 'y in [1, 2)': (yv == 1).sum(), 'y in [2, 3]': ((yv == 2) | (yv == 3)).sum()}  # the last bin closed
     assert {k: n for k, (_, n) in rec.recording.aggregates['bins'].items()} == {k: int(n) for k, n in want.items() if n}
 
 

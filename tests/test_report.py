@@ -204,7 +204,7 @@ def test_items_parts_and_means(browser, bm):
     pg.page.select_option('#item', '5')                                          # the first class mean
     pg.page.wait_for_selector(f'#map[data-item="{read_report(r)["items"][5]["data_item"]}"]')
     _, _, _, v = tip_value(pg.hover_cell(3, 4, L, 1), torch.float32)
-    assert v.item() == rec.mean_map(0)[0, 3, 4].item()
+    assert v.item() == rec.mean_map(rec.group_keys[0])[0, 3, 4].item()
     assert 'no input series for a mean map' in pg.page.text_content('#series-legend')
     pg.close()
 

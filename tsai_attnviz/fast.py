@@ -13,6 +13,7 @@ from tsai.models.ConvTranPlus import Attention, Attention_Rel_Scl, Attention_Rel
 from .layers import _NOT_KEPT, _wanted
 from .arch import no_attention_error
 from .arch.convtranplus import CONVTRANPLUS, _FAST, _STOCK, _check_heads
+import tsai_attnviz.export  # noqa: F401 (learn.export() holds stock layers)
 
 # %% auto #0
 __all__ = ['CHUNK', 'softmax_mix', 'relative_bias_mix', 'Attention_Fast', 'Attention_Rel_Scl_Fast', 'Attention_Rel_Vec_Fast',

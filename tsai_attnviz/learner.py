@@ -13,7 +13,7 @@ import torch
 import matplotlib.pyplot as plt
 from fastcore.basics import patch, listify
 from fastai.learner import Learner
-from .data import check_X, target_info, item_title, decode_target, class_index
+from .data import check_X, target_info, item_title, decode_target, class_index, _name
 from .recorder import AttnRecorder, _model_input
 from .recording import AttnRecording, PARTS
 from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, plot_attention_stats, _check_index, _finish, _steps
@@ -23,8 +23,23 @@ __all__ = []
 
 # %% ../nbs/06_learner.ipynb #5aac1a89
 def _recorder(learn):
-    "The `AttnRecorder` attached to `learn`, if any"
-    return next((cb for cb in learn.cbs if isinstance(cb, AttnRecorder)), None)
+    "The `AttnRecorder` the views read by default: the last one added to `learn` (None: none is attached)"
+    return next((cb for cb in reversed(learn.cbs) if isinstance(cb, AttnRecorder)), None)
+
+def _recording(learn, recorder=None, # an `AttnRecorder` (attached or not) or an `AttnRecording`; None: the last recorder added
+               new_data:bool=False)->AttnRecording|None: # None: record on the spot
+    "The recording a view reads: `recorder`'s, else that of the last `AttnRecorder` added to `learn`"
+    if recorder is None:
+        cb = _recorder(learn)
+        return None if cb is None or new_data else cb.recording
+    if isinstance(recorder, AttnRecorder): rec = recorder.recording
+    elif isinstance(recorder, AttnRecording): rec = recorder
+    else: raise TypeError(f"recorder={recorder!r}: pass an AttnRecorder (attached or not) or an AttnRecording, or leave it None "
+                          "for the last AttnRecorder added to the Learner.")
+    if new_data: raise ValueError("recorder= draws what it recorded, and dl=/X= records new data here: pass recorder= or dl=/X=, not both.")
+    if not len(rec) and not rec.aggregates: raise ValueError("recorder= holds no records: run a pass with it first "
+                                                             "(learn.get_preds(cbs=[recorder])), or leave recorder=None to record here.")
+    return rec
 
 def _check_head(head, heads):
     "An error naming the recorded heads when `head` (None: all) is not among them"
@@ -131,10 +146,11 @@ def show_attention(self:Learner,
                    relative_to:str=None, # 'class' or 'mean': draw the item's map minus its class's (or every item's) mean map
                    method='attention', # view='relevance': a method of `Learner.relevance`, or a list of them (one row each)
                    aggregate:str=None, # 'mean', 'class' or 'bins': the mean maps recorded with AttnRecorder(aggregate=...)
-                   classes=None, # with aggregate='class': the classes to draw, as labels (vocab names, e.g. GunPoint's 1); None: all
+                   classes=None, # with aggregate='class': the classes to draw, as labels (vocab names, e.g. GunPoint's 1); 'bins': the bins, as `group_keys` names them; None: all
                    epoch:int=None, forward:int=None, tag=None, # which pass to draw when several recorded an item (default: the latest)
                    var:int=None, # channel-independent models (PatchTST): the variable whose map to draw (default: the first recorded)
                    call:int=None, # a layer called several times a forward (TSPerceiver's shared weights): which call (default: the first)
+                   recorder=None, # the AttnRecorder (or AttnRecording) to draw from; None: the last AttnRecorder added to the Learner
                    dl=None, X=None, y=None, # data to record from when nothing is recorded yet
                    shared_scale:bool=True, # one colour scale for a grid
                    max_len:int=500, # when recording here: reduce maps to at most this many cells a side (screen size)
@@ -147,14 +163,13 @@ def show_attention(self:Learner,
     if query is not None and view != 'series': raise ValueError("query=... draws a row of the map over the input: pass view='series'.")
     if view == 'relevance': return _show_relevance(self, 0 if idx is None else idx, X, method, layer, head, part, path, **kwargs)
     if layer is None: layer = 0
-    cb = _recorder(self)
-    rec = cb.recording if cb is not None else None
+    rec = _recording(self, recorder, dl is not None or X is not None)
     if aggregate is not None:
         if aggregate not in ('mean', 'class', 'bins'): raise ValueError(f"aggregate={aggregate!r}: use 'mean', 'class' or 'bins'.")
-        if rec is None or not rec.aggregates or dl is not None or X is not None:
+        if rec is None or (recorder is None and not rec.aggregates):
             rec = self.record_attention(dl=dl, X=X, y=y, batches=None, samples=[], aggregate=aggregate, max_len=max_len)
         return _show_aggregate(self, rec, aggregate, head, shared_scale, path, classes, part)
-    if rec is None or not len(rec) or dl is not None or X is not None:
+    if rec is None or (recorder is None and not len(rec)):
         sel = dict(idxs=listify(idx)) if idx is not None else dict(batches=listify(batch or 0), samples=listify(sample or 0))
         rec = self.record_attention(dl=dl, X=X, y=y, max_len=max_len, **sel)
         if not len(rec): raise IndexError(f"Nothing recorded for {sel}: the data has fewer batches or items than that.")
@@ -230,7 +245,8 @@ def _reference_maps(learn, rec, recs, relative_to, part, name)->torch.Tensor: # 
     for r in recs:
         if kind == 'class':
             c = r['target'] if isinstance(r['target'], int) else int(r['pred'].argmax()) if r['pred'] is not None else None
-            if c not in src.aggregates.get('class', {}): raise ValueError(f"No mean map for class {c}: the pass recorded classes {sorted(src.aggregates.get('class', {}))}.")
+            c = None if c is None else _name(_info(learn, src), c)  # class means are keyed by label
+            if c not in src.aggregates.get('class', {}): raise ValueError(f"No mean map for class {c}: the pass recorded classes {src.group_keys}.")
             m = src.mean_map(c)
         else: m = src.mean_map()
         if part == 'softmax' and (b := src.bias(name)) is not None: m = m - b['weights']
@@ -309,18 +325,17 @@ def _show_aggregate(learn, rec, aggregate, head, shared_scale, path, classes=Non
     if aggregate in ('class', 'bins'):
         if aggregate not in rec.aggregates: raise ValueError(f"No per-{'class' if aggregate == 'class' else 'bin'} maps: record with "
                                                              f"AttnRecorder(aggregate={aggregate!r}).")
-        have = sorted(rec.aggregates[aggregate])
-        if aggregate == 'class':
-            names = {c: decode_target(dict(info, task='classification'), c) for c in have}
-            want = have if classes is None else [class_index(info, c) for c in listify(classes)]
-            bad = [c for c in want if c not in have]
-            if bad: raise ValueError(f"classes {[names.get(c, c) for c in bad]} have no mean map: recorded classes are "
-                                     f"{[names[c] for c in have]}.")
-            labels = [f"Class {names[c]} (n={rec.aggregates['class'][c][1]})" for c in want]
-        else:
-            e = rec.meta['bin_edges']
-            want = have
-            labels = [f"{by} y in [{e[c]:.4g}, {e[c + 1]:.4g}{']' if c == len(e) - 2 else ')'} (n={rec.aggregates['bins'][c][1]})" for c in want]
+        have = rec.group_keys  # labels (class means) or ranges (bins), as the figures write them
+        if classes is None: want = have
+        elif aggregate == 'class':
+            for c in listify(classes):
+                if info.get('vocab') is not None: class_index(info, c)  # a label the model does not know: say which it knows
+            want = [str(c) for c in listify(classes)]
+        else: want = listify(classes)
+        bad = [c for c in want if c not in have]
+        if bad: raise ValueError(f"{'classes' if aggregate == 'class' else 'bins'} {bad} have no mean map: recorded are {have}.")
+        labels = [f"Class {c}" if aggregate == 'class' else f"{by} {c}".strip() for c in want]  # 'true y in [0.5, 1.2)'
+        labels = [f"{l} (n={rec.aggregates[aggregate][c][1]})" for l, c in zip(labels, want)]
         maps = torch.stack([rec.mean_map(c) for c in want])
         title = f"Mean attention per {'class' if aggregate == 'class' else 'target bin'}" + (f", grouped by {by} label" if by else '')
     else: maps, labels, title = rec.mean_map()[None], [f"Mean (n={rec.aggregates['mean'][1]})"], 'Mean attention'
@@ -343,10 +358,11 @@ def show_attention_evolution(self:Learner,
                              layer=0, # attention layer, by number or name
                              stats=('entropy', 'bias_share', 'mean_distance', 'rowsum_min', 'rowsum_max'), # statistics below (bias_share: with a bias); None: none
                              part:str='effective', # the part of the maps to draw: 'effective', 'softmax' or 'bias'
+                             recorder=None, # the AttnRecorder (or AttnRecording) to draw from; None: the last AttnRecorder added
                              path=None)->plt.Figure:
     "Probe maps across epochs, with their statistics across epochs"
-    cb = _recorder(self)
-    rec = None if cb is None else cb.recording.filter(split='probe')
+    rec = _recording(self, recorder)
+    rec = None if rec is None else rec.filter(split='probe')
     if rec is None or not len(rec): raise ValueError("No probe recorded: fit with learn.add_cb(AttnRecorder(every_epoch=True, probe=[...])).")
     probe = sorted(set(rec.idxs))
     idx = probe[0] if idx is None else idx

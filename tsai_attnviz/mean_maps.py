@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from .reduce import block_size
 from .arch import layer_adapter
+from .recording import bin_labels
+from .data import _name
 
 # %% auto #0
 __all__ = ['MeanMaps']
@@ -38,19 +40,23 @@ class MeanMaps:
             agg[key] = (s + red[m.to(red.device)].sum(0).cpu(), n + int(m.sum()))
 
     def _groups(self, yb, pred)->dict:
-        "{class or bin: mask of the batch's samples}, by target when the pass has targets, else by prediction"
+        "{class label or bin range, as the figures write them: mask of the batch's samples}, by target when the pass has targets, else by prediction"
         self.recording.meta['agg_by'] = 'prediction' if yb is None else 'target'
         if self.aggregate == 'bins':
             v = (pred if yb is None else yb).reshape(len(pred if yb is None else yb), -1).double()
             if v.shape[1] != 1: raise ValueError(f"aggregate='bins' needs one value per item; this model has {v.shape[1]}: use aggregate='mean'.")
-            edges = torch.tensor(self.recording.meta['bin_edges'], dtype=torch.float64)
-            b = (torch.searchsorted(edges, v[:, 0].contiguous(), right=True) - 1).clamp(0, len(edges) - 2)
-            return {int(c): b == c for c in b.unique()}
+            meta, v = self.recording.meta, v[:, 0].contiguous()
+            edges = torch.tensor(meta['bin_edges'], dtype=torch.float64)
+            # 0: below the first edge; i: edges[i-1] <= y < edges[i]; the last edge closes the last bin; past it: a bin of its own
+            b = torch.searchsorted(edges, v, right=True)
+            b[v == edges[-1]] = len(edges) - 1
+            ok = torch.isfinite(v)  # an unknown target is in no bin
+            return {meta['bin_labels'][int(c)]: (b == c) & ok for c in b[ok].unique()}
         if self._info['task'] == 'multilabel':
             hot = pred > 0 if yb is None else yb > 0.5                                      # [bs, n_classes]
-            return {c: hot[:, c] for c in range(hot.shape[1])}
+            return {_name(self._info, c): hot[:, c] for c in range(hot.shape[1])}
         cls = pred.argmax(-1) if yb is None or yb.numel() != len(yb) else yb.reshape(-1).long()
-        return {int(c): cls == c for c in cls.unique()}
+        return {_name(self._info, int(c)): cls == c for c in cls.unique()}
 
     def _check_aggregate(self, sel):
         "Resolve max_len='auto' for this pass, and refuse aggregates that can't be made, before anything is stored"
@@ -65,7 +71,8 @@ class MeanMaps:
         if self.aggregate == 'bins':
             if task != 'regression': raise ValueError(f"aggregate='bins' groups a regression's maps by target range, but this "
                                                       f"Learner is a {task}: use aggregate='class' or 'mean'.")
-            self.recording.meta['bin_edges'] = self._bin_edges()
+            self.recording.meta['bin_edges'] = e = self._bin_edges()
+            self.recording.meta['bin_labels'] = bin_labels(e)
         if self.aggregate and L is not None:
             k, have = block_size(L, self._len), self.recording.meta.get('agg_block')
             if self.recording.aggregates and have is not None and have != k:
@@ -75,12 +82,18 @@ class MeanMaps:
             self.recording.meta['agg_block'] = k
 
     def _bin_edges(self)->list:
-        "Edges of the target bins: given, or quantiles of the training targets"
-        if not isinstance(self.bins, (int, np.integer)): return sorted(float(b) for b in self.bins)
+        "Edges of the target bins: given, or quantiles of the training targets written with the fewest digits (at least 4) that keep them apart"
+        if not isinstance(self.bins, (int, np.integer)):
+            e = sorted({float(b) for b in self.bins})
+            if len(e) < 2: raise ValueError(f"bins={self.bins!r}: give at least two edges (e.g. bins=[0, 1.5, 3]) or a number of quantile bins.")
+            return e
         try: y = np.asarray((t := self.learn.dls.train.dataset.tls[-1])[0:len(t)], dtype=float)  # the training split's targets
         except (AttributeError, IndexError, TypeError, ValueError): y = np.empty(0)
         if y.size == 0: raise ValueError(f"aggregate='bins' with bins={self.bins} takes quantiles of the training targets, which this "
                                          "Learner does not hold (a load_learner'd Learner keeps no data): pass edges, e.g. bins=[0, 1.5, 3].")
         if y.ndim > 1 and y.shape[1] > 1: raise ValueError("aggregate='bins' needs one target value per item; this model predicts "
                                                            f"{y.shape[1]} (a forecast?): use aggregate='mean'.")
-        return np.quantile(y.ravel(), np.linspace(0, 1, self.bins + 1)).tolist()
+        q = np.unique(np.quantile(y.ravel(), np.linspace(0, 1, self.bins + 1)))  # ties in the targets: equal quantiles make one edge
+        if len(q) < 2: raise ValueError(f"aggregate='bins': every training target is {q[0]:.4g}, so there is no range to bin: use aggregate='mean'.")
+        # edges the figures write exactly: items are binned by the edges their labels show
+        return next(r for p in range(4, 18) if len(set(r := [float(f'{v:.{p}g}') for v in q])) == len(q))

@@ -21,6 +21,7 @@ from .data import target_info, nonfinite_message
 from .mean_maps import MeanMaps
 from .probe import Probe, _batch_idxs
 from .trackers import ProbeLog
+import tsai_attnviz.export  # noqa: F401 (learn.export() holds no recorder)
 
 # %% auto #0
 __all__ = ['AttnRecorder']

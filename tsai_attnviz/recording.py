@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from .layers import STAT_NAMES, STAT_COMBINE
 
 # %% auto #0
-__all__ = ['PARTS', 'to_host', 'host_ready', 'AttnRecording']
+__all__ = ['PARTS', 'to_host', 'host_ready', 'AttnRecording', 'bin_labels']
 
 # %% ../nbs/02_recording.ipynb #ddc1c7a1
 _DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -177,14 +177,22 @@ class AttnRecording:
     @property
     def groups(self)->str|None: return next((k for k in ('class', 'bins') if k in self.aggregates), None)  # how mean maps are grouped
 
+    @property
+    def group_keys(self)->list: # ['Standing', 'Walking'], or ['y < 0.5', 'y in [0.5, 1.2)', 'y in [1.2, 3]', 'y > 3']
+        "Keys of the class means (labels, in the vocab's order) or target bins (ranges, from the lowest) recorded, as the figures write them"
+        have = self.aggregates.get(self.groups, {})
+        order = [k for k in (self.meta.get('vocab') if self.groups == 'class' else self.meta.get('bin_labels')) or [] if k in have]
+        num = lambda k: (0, float(k), '') if str(k).lstrip('-').replace('.', '', 1).isdigit() else (1, 0., str(k))
+        return order + sorted((k for k in have if k not in order), key=num)
+
     def mean_map(self, cls=None)->torch.Tensor: # [H, l, l]
-        "Mean map over every sample of the recorded passes, or over those of class (or target bin) number `cls`"
+        "Mean map over every sample of the recorded passes, or over those of class or bin `cls`, as `group_keys` names it"
         if cls is None:
             if 'mean' not in self.aggregates: raise ValueError("No mean map: record with AttnRecorder(aggregate='mean'), 'class' or 'bins'.")
             s, n = self.aggregates['mean']
         else:
             groups = self.aggregates.get(self.groups, {})
-            if cls not in groups: raise ValueError(f"No mean map for {self.groups or 'class'} {cls!r}: recorded are {sorted(groups)} "
+            if cls not in groups: raise ValueError(f"No mean map for {self.groups or 'class'} {cls!r}: recorded are {self.group_keys} "
                                                    "(record with AttnRecorder(aggregate='class') or 'bins').")
             s, n = groups[cls]
         return (s / n).float()
@@ -203,6 +211,19 @@ class AttnRecording:
         for k in ('layers', 'tags', 'splits'): d[k] = np.array(['' if v is None else str(v) for v in getattr(self, k)])
         return d
 
+def _edge(e:float)->str: return next(s for p in range(4, 18) if float(s := f'{e:.{p}g}') == e)  # the fewest digits (at least 4) that are `e`
+
+def bin_labels(edges:list)->list: # [below the first edge, each bin, above the last edge]
+    "The keys of target bins, as the figures write them: 'y < a', 'y in [a, b)', ..., 'y in [c, d]' (the last bin is closed), 'y > d'"
+    s = [_edge(float(e)) for e in edges]
+    return [f'y < {s[0]}'] + [f'y in [{a}, {b})' for a, b in zip(s[:-2], s[1:-1])] + [f'y in [{s[-2]}, {s[-1]}]', f'y > {s[-1]}']
+
+def _old_bin_labels(edges:list)->list: # one per bin
+    "Bins of recordings before version 4: the end bins took every item beyond the edges, so their ranges are open"
+    s = [_edge(float(e)) for e in edges]
+    if len(s) < 3: return ['every y']
+    return [f'y < {s[1]}'] + [f'y in [{a}, {b})' for a, b in zip(s[1:-2], s[2:-1])] + [f'y ≥ {s[-2]}']
+
 def _targets_array(targets)->np.ndarray: # [n] or [n, *target shape], NaN where unknown
     "Targets (class numbers, values, or vectors such as a forecast or a multi-hot label set) as one float array"
     vals = [None if t is None else np.asarray(t.float() if torch.is_tensor(t) else t, dtype=float) for t in targets]
@@ -215,7 +236,8 @@ def _target(a:np.ndarray): # one row of `_targets_array`
     return None if np.isnan(a) else int(a) if float(a).is_integer() else float(a)
 
 # %% ../nbs/02_recording.ipynb #943d93bf
-_FORMAT, _VERSION = 'tsai-attnviz-recording', 3  # 2: per-record map sizes and blocks, targets of any shape; 3: variables, calls, token spans, per-record key sizes
+_FORMAT, _VERSION = 'tsai-attnviz-recording', 4  # 2: per-record map sizes and blocks, targets of any shape; 3: variables, calls, token spans, per-record key sizes
+# 4: class means keyed by label, target bins by their range (items beyond the edges in bins of their own)
 
 @patch
 def save(self:AttnRecording, path)->Path:
@@ -227,8 +249,8 @@ def save(self:AttnRecording, path)->Path:
             for i, w in enumerate(d.pop(k)): d[f'{k}_{i}'] = w
     for kind, aggs in self.aggregates.items():
         if kind == 'mean': d['agg_mean_sum'], d['agg_mean_n'] = aggs[0].numpy(), np.array(aggs[1]); continue
-        keys = sorted(aggs)
-        d[f'agg_{kind}_keys'] = np.array(keys)
+        keys = self.group_keys if kind == self.groups else sorted(aggs, key=str)
+        d[f'agg_{kind}_keys'] = np.array([str(k) for k in keys])
         d[f'agg_{kind}_sums'] = np.stack([aggs[c][0].numpy() for c in keys])
         d[f'agg_{kind}_ns'] = np.array([aggs[c][1] for c in keys])
     for i, r in enumerate(self.records):  # softmax parts: records of layers that add a bias
@@ -261,6 +283,7 @@ def load(cls:AttnRecording, path)->AttnRecording:
         raise _unreadable(path, f"it is version {v}, and this tsai-attnviz reads versions 1 to {_VERSION}: upgrade tsai-attnviz.")
     try:
         recs, aggs, meta = _parse(d, meta)
+        if v < 4: aggs, meta = _label_keys(aggs, meta)
         for i, r in enumerate(recs): r['softmax'] = torch.from_numpy(d[f'softmax_{i}']).to(r['weights'].dtype) if f'softmax_{i}' in d else None
         biases = {}
         for j, (layer, epoch) in enumerate(meta.pop('biases', [])):
@@ -296,3 +319,15 @@ def _parse(d:dict, meta:dict):
             aggs[kind] = {k.item(): (torch.from_numpy(s), int(c)) for k, s, c in
                           zip(d[f'agg_{kind}_keys'], d[f'agg_{kind}_sums'], d[f'agg_{kind}_ns'], strict=True)}
     return recs, aggs, meta
+
+def _label_keys(aggs:dict, meta:dict)->tuple:
+    "Aggregates of a recording before version 4, keyed by class or bin number, keyed as the figures write them"
+    aggs = dict(aggs)
+    if 'class' in aggs:
+        v = meta.get('vocab') or []
+        aggs['class'] = {(v[c] if 0 <= c < len(v) else str(c)): sn for c, sn in aggs['class'].items()}
+    if 'bins' in aggs and 'bin_edges' in meta:
+        labels = _old_bin_labels(meta['bin_edges'])
+        aggs['bins'] = {labels[c]: sn for c, sn in aggs['bins'].items()}
+        meta = dict(meta, bin_labels=labels)
+    return aggs, meta

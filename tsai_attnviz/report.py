@@ -14,7 +14,7 @@ from fastai.learner import Learner
 from .arch.convtranplus import Attention_Rel_Scl_With_Weights
 from .reduce import _pool_keys
 from .recording import AttnRecording, _to_dtype
-from .learner import _recorder, _pick, _info
+from .learner import _recording, _pick, _info
 from .data import item_title, decode_target
 
 # %% auto #0
@@ -211,10 +211,8 @@ def _payload(rec:AttnRecording, titles=None, parts=None, classes=None, dtype=Non
                           data_item=str(r0['idx']) if r0.get('idx') is not None else f"batch {r0['batch']} sample {r0['sample']}",
                           input=None if r0.get('input') is None else encode_array(r0['input'][:, None]), maps=maps, key_attn=key_attn))
     means = [('mean', f"Mean (n={rec.aggregates['mean'][1]})", None)] if 'mean' in rec.aggregates else []
-    kind, e = rec.groups, rec.meta.get('bin_edges')  # class means, or a regression's target bins
-    name = lambda c: f"y in [{e[c]:.4g}, {e[c + 1]:.4g})" if kind == 'bins' else f"Class {_name(classes, c)}"
-    means += [(f"{kind} {c}" if kind == 'bins' else f"class {_name(classes, c)}", f"{name(c)} (n={rec.aggregates[kind][c][1]})", c)
-              for c in sorted(rec.aggregates.get(kind, {}))]
+    kind = rec.groups  # class means keyed by label, or a regression's target bins by their range ('y in [0.5, 1.2)')
+    means += [(f"{kind} {c}", f"{c if kind == 'bins' else f'Class {c}'} (n={rec.aggregates[kind][c][1]})", c) for c in rec.group_keys]
     for did, lab, c in means:  # aggregates follow the first recorded layer
         items.append(dict(id=f"m{len(items)}", kind='mean', idx=None, title=lab, label=lab, data_item=did, input=None,
                           maps={layers[0]: {'effective': encode_array(rec.mean_map(c), dtype)}}, key_attn={}))
@@ -290,7 +288,7 @@ def _report_labels(learn, rec, recs)->tuple:
     "Titles of `recs` and names of the class means, as the figures write them (`item_title`: as tsai decodes them)"
     info = _info(learn, rec)
     titles = [item_title(info, r['target'], r.get('pred')) for r in recs]
-    return titles, {c: decode_target(dict(info, task='classification'), c) for c in rec.aggregates.get('class', {})}
+    return titles, info.get('vocab')
 
 def _bias_parts(model, rec:AttnRecording)->tuple:
     "({'bias': per record [H, l, l] or None}, notes): eRPE's bias of `model`'s layers, reduced as the recorder reduces it"
@@ -333,11 +331,11 @@ def attention_report(self:Learner,
                      max_len:int=500, # when recording here: maps reduced to at most this many cells a side
                      dtype='float16', # when recording here: exact to float16, half the size of float32
                      aggregate:str=None, # when recording here: 'mean' or 'class' adds mean maps over the whole pass
+                     recorder=None, # the AttnRecorder (or AttnRecording) to report; None: the last AttnRecorder added to the Learner
                      **kwargs)->AttnReport: # passed to `AttnRecording.to_html` (title, var_names, ...)
-    "An interactive attention report in one offline HTML file, from an attached `AttnRecorder` or recorded on the spot"
-    cb = _recorder(self)
-    rec = cb.recording if cb is not None else None
-    if rec is None or not len(rec) or dl is not None or X is not None:
+    "An interactive attention report in one offline HTML file, from the last `AttnRecorder` added (or `recorder=`), or recorded on the spot"
+    rec = _recording(self, recorder, dl is not None or X is not None)
+    if rec is None or (recorder is None and not len(rec)):
         sel = dict(idxs=listify(idx)) if idx is not None else dict(batches=[batch], samples=list(range(4)) if sample is None else listify(sample))
         rec = self.record_attention(dl=dl, X=X, y=y, max_len=max_len, dtype=dtype, aggregate=aggregate, **sel)
         if not len(rec): raise IndexError(f"Nothing recorded for {sel}: the data has fewer batches or items than that.")
