@@ -354,12 +354,13 @@ def _payload(rec:AttnRecording, titles=None, parts=None, classes=None, dtype=Non
     derived = 'softmax' in present and all(v is None for v in per['softmax'])
     eff0 = per['effective'][0] if n else means[0][2]
     g0, rec_dt = geo[layers[0]], str(eff0.dtype).replace('torch.', '')
+    pl = lambda n, w: f"{n} {w}" + ('' if n == 1 else 'es' if w.endswith('ch') else 's')
     toks = lambda g: '' if g['query']['steps'] and g['key']['steps'] else \
-        f" ({g['query']['n']} {g['query']['kind']}s × {g['key']['n']} {g['key']['kind']}s)"
+        f" ({pl(g['query']['n'], g['query']['kind'])} × {pl(g['key']['n'], g['key']['kind'])})"
     nv = max((len(it['vars'] or []) for it in items), default=0)
     return dict(version=2, title=title or f"Attention of {layers[0] if len(layers) == 1 else f'{len(layers)} layers'}",
-                meta_line=(f"{sum(it['kind'] == 'item' for it in items)} items · {len(g0['heads'])} heads · seq_len {T} · "
-                           f"maps {g0['rows']}×{g0['cols']}{toks(g0)}" + (f" ({g0['block']}×{g0['block']} blocks)" if g0['block'] > 1 else '')
+                meta_line=(f"{pl(sum(it['kind'] == 'item' for it in items), 'item')} · {pl(len(g0['heads']), 'head')} · seq_len {T} · "
+                           f"maps {g0['rows']}×{g0['cols']}{toks(g0)}" + (f" in {layers[0]}" if len(layers) > 1 else '') + (f" ({g0['block']}×{g0['block']} blocks)" if g0['block'] > 1 else '')
                            + (f" · {nv} variables, one map each (channel-independent)" if per_var else '')
                            + f" · values {dtype or rec_dt}" + (' as recorded' if dtype is None and not reduced else
                                                                f' (recorded {rec_dt}, ' + ('block means' if reduced else 'rounded') + ' for this page)')),
@@ -459,12 +460,13 @@ def _bias_parts(model, rec:AttnRecording)->tuple:
     return {}, notes
 
 def _select(rec:AttnRecording, idx, batch, sample)->list:
-    "Records of every layer for the selected items (default: the first 4 recorded of `batch`)"
+    "Records of every layer (and every variable of channel-independent models) for the selected items (default: the first 4 recorded of `batch`)"
     names = list(dict.fromkeys(rec.layers))
     if idx is None and sample is None:
         have = sorted({r['sample'] for r in rec.records if r['layer'] == names[0] and r['batch'] == batch})
         sample = have[:4] if have else 0  # nothing in that batch: _pick says which batches there are
-    return [r for name in names for r in _pick(rec, name, idx, batch, sample)[1]]
+    vs = lambda name: sorted({r.get('var') for r in rec.records if r['layer'] == name} - {None}) or [None]
+    return [r for name in names for v in vs(name) for r in _pick(rec, name, idx, batch, sample, var=v)[1]]
 
 @patch
 def attention_report(self:Learner,
