@@ -498,10 +498,10 @@ def test_report_of_each_token_kind(browser, kind_report):
     assert pg.page.get_attribute('#map', 'data-var') is None if kind != 'patch' else pg.page.get_attribute('#map', 'data-var') == '0'
     pg.close()
 
+@pytest.mark.parametrize('kind_report', ['patch'], indirect=True)  # channel-independent models
 def test_patchtst_variables(browser, kind_report):
     "PatchTST: a map per variable; #var picks it; the series and the title are the variable's, as the PNGs title it"
     kind, r, rec, learn = kind_report
-    if kind != 'patch': pytest.skip('channel-independent models only')
     from tsai_attnviz.learner import _titles, _info
     name = rec.layers[0]
     pg = Page(browser, r.path)
