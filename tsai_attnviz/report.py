@@ -4,18 +4,20 @@
 
 # %% ../nbs/09_report.ipynb #8e636b18
 from __future__ import annotations
-import base64, json, re, zlib
+import base64, json, math, re, zlib
 import html as _html
 from pathlib import Path
 import numpy as np
 import torch
+import torch.nn.functional as F
 from fastcore.basics import patch, listify
 from fastai.learner import Learner
-from .arch.convtranplus import Attention_Rel_Scl_With_Weights
+from .arch import layer_adapter, time_spans
 from .reduce import _pool_keys
 from .recording import AttnRecording, _to_dtype
-from .learner import _recording, _pick, _info
+from .learner import _recording, _pick, _info, _titles
 from .data import item_title, decode_target
+
 
 # %% auto #0
 __all__ = ['encode_array', 'decode_array', 'record_title', 'AttnReport', 'report_html', 'read_report']
@@ -81,7 +83,10 @@ def record_title(r:dict, # a record of an `AttnRecording`
                  classes=None, # names of the class numbers, e.g. `dls.vocab`
                 )->str:
     "'True: Walking · Pred: Running' for record `r`, as the package's figures title an item"
-    p, t = r.get('pred'), r.get('target')
+    p, t, v = r.get('pred'), r.get('target'), r.get('var')
+    if v is not None:  # channel-independent: this variable's values of a forecast, as the figures' titles
+        pick = lambda a: a[v] if torch.is_tensor(a) and a.ndim >= 2 and a.shape[0] > v else a
+        p, t = pick(p), pick(t)
     pred = '?' if p is None else _name(classes, p.argmax().item()) if p.numel() > 1 else f"{p.item():.4g}"
     true = f"{t:.4g}" if isinstance(t, float) else _name(classes, t)
     return f"True: {true} · Pred: {pred}"
@@ -94,6 +99,53 @@ def _widths(n, L, k):
 def _row_sums(w, L, k): # [..., n] from w [..., n, n]
     "Each query row's sum over keys, in time steps: 1 for a softmax, whatever the block side"
     return (w.double() * _widths(w.shape[-1], L, k)).sum(-1)
+
+def _n_tokens(tok, cells:int, k:int, T:int)->int:
+    "Tokens a side of a map of `cells` blocks of `k`: as `tok` (kind, spans) says, else time steps (the last block may be partial)"
+    if tok is not None: return len(tok[1])
+    return T if T is not None and -(-T // k) == cells else cells * k
+
+def _block_of(r:dict, R:int, C:int, nq:int, nk:int, dflt:int)->int:
+    "Tokens a side of the blocks of record `r`'s [.., R, C] map: its own block when it fits the map, else the one that does"
+    fits = lambda k: -(-nq // k) == R and -(-nk // k) == C
+    k = r.get('block', dflt)
+    if fits(k): return k
+    return next((k for k in range(1, max(nq, nk) + 1) if fits(k)), k)
+
+def _coarsen(m:torch.Tensor, # [..., R, C]: means over blocks of k × k tokens
+             nq:int, nk:int, # query and key tokens the map covers
+             k:int, # tokens a side of its blocks
+             g:int, # cells a side merged into one
+            )->torch.Tensor: # [..., ceil(R/g), ceil(C/g)]: means over blocks of k·g tokens, in m's dtype
+    "Block means of block means: what `reduce_map` gives a full map for blocks of k·g tokens (the last blocks: the mean of what they cover)"
+    if g == 1: return m
+    if k == 1: return _pool_keys(m.float(), g, keys=False)[0].to(m.dtype)  # a full map: block averaging as reduce.py does
+    R, C = m.shape[-2:]
+    R2, C2 = -(-R // g), -(-C // g)
+    wq, wk = _widths(R, nq, k), _widths(C, nk, k)                                   # [R], [C]: tokens each cell covers
+    out = torch.empty(*m.shape[:-2], R2, C2, dtype=torch.float64)
+    flat, o = m.reshape(-1, R, C), out.view(-1, R2, C2)
+    for i in range(len(flat)):  # one map at a time: float64 sums of a few MB
+        s = F.pad(flat[i].double() * wq[:, None] * wk[None], (0, C2 * g - C, 0, R2 * g - R))   # [R2·g, C2·g]: sums over each cell's tokens
+        o[i] = s.reshape(R2, g, C2, g).sum((1, 3)) / (_widths(R2, nq, k * g)[:, None] * _widths(C2, nk, k * g)[None])
+    return out.to(m.dtype)
+
+def _geometry(rec:AttnRecording, layer:str, shape, k:int, T:int)->dict:
+    "What the page needs to draw `layer`'s maps [.., R, C] (blocks of k tokens): heads, cells, and each side's tokens with the steps they cover"
+    R, C = shape[-2:]
+    tok = rec.tokens(layer) or {}
+    side = {}
+    for w, cells in (('query', R), ('key', C)):
+        t = tok.get(w)
+        kind, sp = t if t is not None else ('time step', time_spans(_n_tokens(None, cells, k, T)))
+        sp = np.asarray(sp, dtype=int).reshape(-1, 2)
+        if -(-len(sp) // k) != cells:
+            raise ValueError(f"{layer}: maps of {R} × {C} cells, but its {w}s are {len(sp)} {kind}s in blocks of {k}: the recording "
+                             "and its token spans disagree (rec.meta['tokens']).")
+        steps = kind == 'time step' and np.array_equal(sp, time_spans(len(sp)))  # one step each: the axis is in time steps
+        side[w] = dict(kind=kind, n=len(sp), steps=bool(steps), spans=None if steps else sp.tolist())
+    heads = rec.heads_of(layer) or list(range(shape[-3]))
+    return dict(heads=list(heads), block=k, rows=R, cols=C, map_w=_map_px(C), map_h=_map_px(R), **side)
 
 def _as_list(v, n, what):
     "Part `v` for each of n records: [n, ...] or a list of n tensors (or None), or one tensor for every record"
@@ -113,12 +165,13 @@ def _cmap():
     return (matplotlib.colormaps['viridis'](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8).tobytes().hex()
 
 def _group(rec, titles, classes):
-    "Records of the same item (one per layer) together, in order: [(records by layer, title)]"
+    "Records of the same item together, in order: [({layer: {var: record}}, {var: title})]; var is None but for channel-independent models"
     items = {}
     for r, t in zip(rec.records, titles or [None] * len(rec)):
         key = tuple(r.get(k) for k in ('tag', 'split', 'epoch', 'forward', 'batch', 'sample', 'idx'))
-        it = items.setdefault(key, ({}, t or record_title(r, classes)))
-        it[0].setdefault(r['layer'], r)
+        byl, tt = items.setdefault(key, ({}, {}))
+        byl.setdefault(r['layer'], {}).setdefault(r.get('var'), r)  # a layer called several times a forward: its first call
+        tt.setdefault(r.get('var'), t or record_title(r, classes))
     return list(items.values())
 
 def _label_of(r, vary):
@@ -129,30 +182,47 @@ def _label_of(r, vary):
     return s
 
 # %% ../nbs/09_report.ipynb #5b2b0779
-def _notes(rec, per, present, derived, N, dt, rounded)->list:
-    "What a reader must know to read the page right: blocks, pooling, the values' precision, and the bias"
-    L, k, out = rec.seq_len, rec.block, []
-    if k > 1: out.append(('', f"Each cell is the mean over a {k}×{k} block of time steps (cell i covers steps i·{k} to "
-                              f"min((i+1)·{k}, {L}) − 1). Tooltips name the first time step of the query's and of the key's "
-                              "block; the line under the series gives the ranges."))
-    if N > _THUMB: out.append(('', f"Maps with more cells than their canvas has pixels (the head grid's {_THUMB} px"
-                                   + (f", the enlarged map's {_map_px(N)} px" if N > _map_px(N) else '') + ") are drawn with the "
-                                   "cell of largest magnitude under each pixel: max-pooling keeps one-cell peaks visible, where a "
-                                   "mean would dilute them. Tooltips read the recorded cell under the pointer."))
-    out.append(('', f"Tooltip values are the {'recorded' if not rounded else 'rounded'} {dt} values, exactly (the shortest decimal "
-                    f"that reads back to the same {dt})" + (", rounded from the recording for this page." if rounded else ".")))
-    area = lambda w: _widths(w.shape[-1], L, k)[:, None] * _widths(w.shape[-1], L, k)  # [l, l] time steps each cell covers
-    pairs = [(e, b) for e, b in zip(per['effective'], per['bias']) if b is not None]
+def _side(g:dict, w:str)->str: return 'time step' if g[w]['steps'] else g[w]['kind']  # what a query or key cell holds
+
+def _notes(geo:dict, layer_of:list, per, present, derived, dt, rounded, reduced:dict)->list:
+    "What a reader must know to read the page right: blocks, reductions for the page, pooling, the values' precision, the bias"
+    out = []
+    for name, g in geo.items():
+        k, pre = g['block'], (f"{name}: " if len(geo) > 1 else '')
+        if k > 1:
+            q, kk = _side(g, 'query'), _side(g, 'key')
+            what = f"{k}×{k} block of {q}s" if q == kk else f"block of {k} {q}s × {k} {kk}s"
+            out.append(('', f"{pre}Each cell is the mean over a {what} (cell i covers {q}s i·{k} to min((i+1)·{k}, {g['query']['n']}) − 1"
+                            + ('' if q == kk else f", and {kk}s i·{k} to min((i+1)·{k}, {g['key']['n']}) − 1") + "). Tooltips name the "
+                            "first of the query's and of the key's block; the line under the series gives what the cell covers."))
+        if name in reduced:
+            (R0, C0), k0, m = reduced[name]
+            out.append(('', f"{pre}Reduced for this page (max_len={m}): the recording holds maps of {R0}×{C0} cells"
+                            + (f" (blocks of {k0})" if k0 > 1 else '') + f"; the page shows their block means, {g['rows']}×{g['cols']} "
+                            f"cells of {k} {_side(g, 'key')}s a side, weighted by what each recorded cell covers."))
+    big = max(max(g['rows'], g['cols']) for g in geo.values())
+    if big > _THUMB:
+        px = max(max(g['map_w'], g['map_h']) for g in geo.values())
+        out.append(('', f"Maps with more cells than their canvas has pixels (the head grid's {_THUMB} px"
+                        + (f", the enlarged map's {px} px" if big > px else '') + ") are drawn with the "
+                        "cell of largest magnitude under each pixel: max-pooling keeps one-cell peaks visible, where a "
+                        "mean would dilute them. Tooltips read the cell under the pointer."))
+    how = ('block means of the recorded values, rounded to ' + dt) if reduced else ('rounded ' + dt if rounded else 'recorded ' + dt)
+    out.append(('', f"Tooltip values are the {how} values, exactly (the shortest decimal that reads back to the same {dt})"
+                    + (", rounded from the recording for this page." if rounded and not reduced else ".")))
+    def area(w, g):  # [R, C]: tokens each cell covers
+        return _widths(g['rows'], g['query']['n'], g['block'])[:, None] * _widths(g['cols'], g['key']['n'], g['block'])
+    pairs = [(e, b, geo[n]) for e, b, n in zip(per['effective'], per['bias'], layer_of) if b is not None]
     if pairs:
-        ab = torch.stack([(b.double().abs() * area(b)).sum((-2, -1)) for _, b in pairs]).sum(0)                  # [H]
-        asm = torch.stack([((e.double() - b.double()).abs() * area(e)).sum((-2, -1)) for e, b in pairs]).sum(0)  # [H]
+        ab = sum((b.double().abs() * area(b, g)).sum((-2, -1)) for _, b, g in pairs)                  # [H]
+        asm = sum(((e.double() - b.double()).abs() * area(e, g)).sum((-2, -1)) for e, b, g in pairs)  # [H]
         share = ab / (ab + asm)
         out.append(('bias', f"eRPE's relative bias is added after the softmax: effective = softmax + bias, so rows need not sum "
                             f"to 1 and cells can be negative. The bias is {100 * share.mean():.0f}% of the maps' absolute mass "
                             f"(per head {100 * share.min():.0f}–{100 * share.max():.0f}%)."
                             + (" The softmax part is computed in the page as effective − bias, in float32." if derived else '')))
-    elif len(rec):
-        rs = torch.cat([_row_sums(e, L, k).flatten() for e in per['effective']])
+    elif layer_of:
+        rs = torch.cat([_row_sums(e, geo[n]['key']['n'], geo[n]['block']).flatten() for e, n in zip(per['effective'], layer_of)])
         tol = 1e-4 if dt == 'float32' else 1e-2
         if (rs - 1).abs().max() > tol:
             out.append(('bias', f"Rows of these maps sum to {rs.min():.3g}–{rs.max():.3g}, not 1: something is added after the "
@@ -160,19 +230,59 @@ def _notes(rec, per, present, derived, N, dt, rounded)->list:
                                 "Learner.attention_report shows the parts."))
     return out
 
+
 # %% ../nbs/09_report.ipynb #716bb59d
-def _payload(rec:AttnRecording, titles=None, parts=None, classes=None, dtype=None, title=None, notes=None, var_names=None)->dict:
+def _reduce_parts(rec, per, max_len, T)->tuple: # (each record's block, {layer: ((R0, C0), k0, max_len)} of the layers reduced)
+    "Bring every record's parts (in `per`, changed in place) to at most `max_len` cells a side, as `reduce_map` would have"
+    blocks, reduced = [], {}
+    for i, r in enumerate(rec.records):
+        e, tok = per['effective'][i], rec.tokens(r['layer']) or {}
+        R, C = e.shape[-2:]
+        nq, nk = (_n_tokens(tok.get(w), c, r.get('block', rec.block), T) for w, c in (('query', R), ('key', C)))
+        k = _block_of(r, R, C, nq, nk, rec.block)
+        g = 1 if max_len is None or max(R, C) <= max_len else -(-max(R, C) // max_len)  # as `block_size`, in cells
+        if g > 1:
+            for p in _PARTS:
+                if per[p][i] is not None: per[p][i] = _coarsen(per[p][i], nq, nk, k, g)
+            reduced.setdefault(r['layer'], ((R, C), k, max_len))
+        blocks.append(k * g)
+    return blocks, reduced
+
+def _mean_maps(rec, layer, max_len, T)->list: # [(kind of the mean, class or None, map [H, l, l], block, what was reduced or None)]
+    "The recording's mean maps (of its first layer), reduced as its records are"
+    ms = ([('mean', None, rec.mean_map())] if 'mean' in rec.aggregates else []) + \
+         [(rec.groups, c, rec.mean_map(c)) for c in rec.group_keys]
+    out = []
+    for kind, c, m in ms:
+        R, C = m.shape[-2:]
+        tok = rec.tokens(layer) or {}
+        k0 = rec.meta.get('agg_block', rec.block)
+        nq, nk = (_n_tokens(tok.get(w), n, k0, T) for w, n in (('query', R), ('key', C)))
+        k = _block_of(dict(block=k0), R, C, nq, nk, k0)
+        g = 1 if max_len is None or max(R, C) <= max_len else -(-max(R, C) // max_len)
+        out.append((kind, c, _coarsen(m, nq, nk, k, g), k * g, ((R, C), k, max_len) if g > 1 else None))
+    return out
+
+def _stack_vars(ts:list):
+    "One array for the variables of an item ([V, ...]), or the one array of a model that is not channel-independent"
+    return ts[0] if len(ts) == 1 else torch.stack(ts)
+
+def _payload(rec:AttnRecording, titles=None, parts=None, classes=None, dtype=None, title=None, notes=None, var_names=None,
+             max_len=500)->dict:
     "Everything the page shows, as JSON with encoded arrays"
     if not len(rec) and not rec.aggregates: raise ValueError("Nothing to report: the recording holds no records and no mean maps.")
     if titles is not None and len(titles) != len(rec):
         raise ValueError(f"titles holds {len(titles)} titles for {len(rec)} records: give one per record (rec.records).")
-    if titles is None and 'task' in rec.meta:  # the recorder kept the task and class names: name items as tsai decodes them
-        titles = [item_title(rec.meta, r['target'], r.get('pred')) for r in rec.records]
+    if max_len is not None and not (isinstance(max_len, (int, np.integer)) and max_len >= 1):
+        raise ValueError(f"max_len={max_len!r}: use a positive number of cells a side, or None for the maps as recorded.")
+    if titles is None and 'task' in rec.meta:  # the recorder kept the task and class names: name items as the figures do
+        titles = [_titles(rec.meta, r)[1] for r in rec.records]
     if classes is None: classes = rec.meta.get('vocab')
     parts = dict(parts or {})
     bad = [p for p in parts if p not in _PARTS]
     if bad: raise ValueError(f"parts {bad} are not known: use {list(_PARTS)}.")
-    n, L, k = len(rec), rec.seq_len, rec.block
+    n = len(rec)
+    T = next((r['input'].shape[-1] for r in rec.records if r.get('input') is not None), rec.seq_len)  # time steps of the input
     per = {p: _as_list(parts.get(p), n, p) for p in _PARTS}
     for i, r in enumerate(rec.records):  # what a record holds itself, when not given
         per['effective'][i] = r['weights'] if per['effective'][i] is None else per['effective'][i]
@@ -185,11 +295,25 @@ def _payload(rec:AttnRecording, titles=None, parts=None, classes=None, dtype=Non
             v = per[p][i]
             if v is not None and tuple(v.shape) != tuple(per['effective'][i].shape):
                 raise ValueError(f"parts[{p!r}] of record {i} has shape {list(v.shape)}; its maps are {list(per['effective'][i].shape)} [H, l, l].")
+    blocks, reduced = _reduce_parts(rec, per, max_len, T)
+    layers = list(dict.fromkeys(rec.layers)) or [rec.meta.get('agg_layer') or 'attention']
+    means = _mean_maps(rec, layers[0], max_len, T)
+    if means and means[0][4] is not None: reduced.setdefault(layers[0], means[0][4])
+    geo = {}
+    for name in layers:  # one geometry a layer: its records' maps must agree
+        shapes = {(tuple(per['effective'][i].shape), blocks[i]) for i, r in enumerate(rec.records) if r['layer'] == name}
+        if not shapes: shapes = {(tuple(means[0][2].shape), means[0][3])} if means else set()
+        if len(shapes) > 1:
+            raise ValueError(f"The records of {name} hold maps of several sizes {sorted(s for s, _ in shapes)} (passes with another "
+                             "max_len): choose one pass with rec.filter(forward=...) or rec.filter(epoch=...).")
+        (shape, k), = shapes
+        geo[name] = _geometry(rec, name, shape, k, T)
     mb = sum(v.numel() * v.element_size() for v in per['effective']) / 2**20
-    if mb > _MAX_MB: raise ValueError(f"The maps take {mb:.0f} MB, more than a page should hold ({_MAX_MB} MB): record reduced maps "
-                                      "(max_len=500) or fewer items (rec.filter(...)).")
-    layers = list(dict.fromkeys(rec.layers)) or ['attention']
-    heads = rec.heads or list(range((per['effective'][0] if n else rec.mean_map()).shape[0]))
+    if mb > _MAX_MB:
+        side = max(max(g['rows'], g['cols']) for g in geo.values())
+        fit = max(int(side * (_MAX_MB / mb) ** 0.5), 1)
+        raise ValueError(f"The maps take {mb:.0f} MB at {side} cells a side (max_len={max_len}), more than a page should hold "
+                         f"({_MAX_MB} MB): pass max_len={fit} or less, or fewer items (idx=[...], or rec.filter(...)).")
     idx_of = {id(r): i for i, r in enumerate(rec.records)}
     shared = {}
     for name in layers:  # one bias map per layer when every record of it has the same (eRPE's does not depend on the input)
@@ -197,38 +321,54 @@ def _payload(rec:AttnRecording, titles=None, parts=None, classes=None, dtype=Non
         if bs and all(b is not None for b in bs) and all(torch.equal(b, bs[0]) for b in bs):
             shared[name] = {'bias': encode_array(bs[0], dtype)}
     vary = {f for f in ('tag', 'epoch') if len(set(getattr(rec, f + 's'))) > 1}
-    items = []
-    for byl, t in _group(rec, titles, classes):
-        r0 = next(iter(byl.values()))
+    items, per_var = [], any(v is not None for v in rec.vars)
+    for byl, tt in _group(rec, titles, classes):
+        first = next(iter(byl.values()))
+        vs = sorted(v for v in first if v is not None)
+        vs = [v for v in vs if all(v in by for by in byl.values())] if vs else [None]  # the variables every layer holds
+        r0 = first[vs[0]]
         maps, key_attn = {}, {}
-        for name, r in byl.items():
-            i = idx_of[id(r)]
-            maps[name] = {'effective': encode_array(per['effective'][i], dtype)}
-            if per['softmax'][i] is not None: maps[name]['softmax'] = encode_array(per['softmax'][i], dtype)
-            if per['bias'][i] is not None and name not in shared: maps[name]['bias'] = encode_array(per['bias'][i], dtype)
-            if r.get('key_attn') is not None: key_attn[name] = encode_array(r['key_attn'][:, None])  # [H, 1, L]
-        items.append(dict(id=f"i{len(items)}", kind='item', idx=r0.get('idx'), title=t, label=f"{t} · {_label_of(r0, vary)}",
+        for name, by in byl.items():
+            ii = [idx_of[id(by[v])] for v in vs]
+            maps[name] = {'effective': encode_array(_stack_vars([per['effective'][i] for i in ii]), dtype)}
+            for p in ('softmax', 'bias'):
+                if all(per[p][i] is not None for i in ii) and not (p == 'bias' and name in shared):
+                    maps[name][p] = encode_array(_stack_vars([per[p][i] for i in ii]), dtype)
+            if all(rec.records[i].get('key_attn') is not None for i in ii):
+                key_attn[name] = encode_array(_stack_vars([rec.records[i]['key_attn'][:, None] for i in ii]))  # [(V,) H, 1, n_k]
+        t = tt[vs[0]]
+        items.append(dict(id=f"i{len(items)}", kind='item', idx=r0.get('idx'), title=t, label=f"{t} · {_label_of(r0, vary)}", where=_label_of(r0, vary),
+                          vars=None if vs == [None] else vs, titles=None if vs == [None] else [tt[v] for v in vs],
                           data_item=str(r0['idx']) if r0.get('idx') is not None else f"batch {r0['batch']} sample {r0['sample']}",
                           input=None if r0.get('input') is None else encode_array(r0['input'][:, None]), maps=maps, key_attn=key_attn))
-    means = [('mean', f"Mean (n={rec.aggregates['mean'][1]})", None)] if 'mean' in rec.aggregates else []
-    kind = rec.groups  # class means keyed by label, or a regression's target bins by their range ('y in [0.5, 1.2)')
-    means += [(f"{kind} {c}", f"{c if kind == 'bins' else f'Class {c}'} (n={rec.aggregates[kind][c][1]})", c) for c in rec.group_keys]
-    for did, lab, c in means:  # aggregates follow the first recorded layer
-        items.append(dict(id=f"m{len(items)}", kind='mean', idx=None, title=lab, label=lab, data_item=did, input=None,
-                          maps={layers[0]: {'effective': encode_array(rec.mean_map(c), dtype)}}, key_attn={}))
+    for kind, c, m, _, _ in means:  # aggregates follow the first recorded layer; class means keyed by label, bins by range
+        did = 'mean' if c is None else f"{kind} {c}"
+        what = 'Mean' if c is None else c if kind == 'bins' else f"Class {c}"
+        lab = f"{what} (n={rec.aggregates['mean'][1] if c is None else rec.aggregates[kind][c][1]})"
+        if tuple(m.shape) != (len(geo[layers[0]]['heads']), geo[layers[0]]['rows'], geo[layers[0]]['cols']): continue  # another pass's size
+        items.append(dict(id=f"m{len(items)}", kind='mean', idx=None, title=lab, label=lab, data_item=did, input=None, vars=None,
+                          titles=None, maps={layers[0]: {'effective': encode_array(m, dtype)}}, key_attn={}))
     present = ['effective'] + [p for p in ('softmax', 'bias') if any(v is not None for v in per[p])]
     if 'bias' in present and 'softmax' not in present: present.insert(1, 'softmax')  # effective - bias, in the page
     derived = 'softmax' in present and all(v is None for v in per['softmax'])
-    eff0 = per['effective'][0] if n else rec.mean_map()
-    N, rec_dt = eff0.shape[-1], str(eff0.dtype).replace('torch.', '')
-    return dict(version=1, title=title or f"Attention of {layers[0] if len(layers) == 1 else f'{len(layers)} layers'}",
-                meta_line=(f"{sum(it['kind'] == 'item' for it in items)} items · {len(heads)} heads · seq_len {L} · maps {N}×{N}"
-                           + (f" ({k}×{k}-step blocks)" if k > 1 else '') + f" · values {dtype or rec_dt}"
-                           + (' as recorded' if dtype is None else f' (recorded {rec_dt}, rounded for this page)')),
-                seq_len=L, block=k, cells=N, heads=list(heads), layers=layers, parts=present,
+    eff0 = per['effective'][0] if n else means[0][2]
+    g0, rec_dt = geo[layers[0]], str(eff0.dtype).replace('torch.', '')
+    pl = lambda n, w: f"{n} {w}" + ('' if n == 1 else 'es' if w.endswith('ch') else 's')
+    toks = lambda g: '' if g['query']['steps'] and g['key']['steps'] else \
+        f" ({pl(g['query']['n'], g['query']['kind'])} × {pl(g['key']['n'], g['key']['kind'])})"
+    nv = max((len(it['vars'] or []) for it in items), default=0)
+    return dict(version=2, title=title or f"Attention of {layers[0] if len(layers) == 1 else f'{len(layers)} layers'}",
+                meta_line=(f"{pl(sum(it['kind'] == 'item' for it in items), 'item')} · {pl(len(g0['heads']), 'head')} · seq_len {T} · "
+                           f"maps {g0['rows']}×{g0['cols']}{toks(g0)}" + (f" in {layers[0]}" if len(layers) > 1 else '') + (f" ({g0['block']}×{g0['block']} blocks)" if g0['block'] > 1 else '')
+                           + (f" · {nv} variables, one map each (channel-independent)" if per_var else '')
+                           + f" · values {dtype or rec_dt}" + (' as recorded' if dtype is None and not reduced else
+                                                               f' (recorded {rec_dt}, ' + ('block means' if reduced else 'rounded') + ' for this page)')),
+                seq_len=T, block=g0['block'], cells=g0['cols'], heads=g0['heads'], layers=layers, geo=geo, per_var=per_var, parts=present,
                 part_names={**_PARTS, **({'softmax': 'softmax part (effective − bias, computed in the page)'} if derived else {})},
-                notes=_notes(rec, per, present, derived, N, dtype or rec_dt, dtype is not None) + [('', t) for t in (notes or [])],
-                thumb_px=_THUMB, map_px=_map_px(N), grid_cols=4, cmap=_cmap(), var_names=var_names, items=items, shared=shared)
+                notes=_notes(geo, [r['layer'] for r in rec.records], per, present, derived, dtype or rec_dt, dtype is not None, reduced)
+                      + [('', t) for t in (notes or [])],
+                thumb_px=_THUMB, grid_cols=4, cmap=_cmap(), var_names=var_names, items=items, shared=shared)
+
 
 # %% ../nbs/09_report.ipynb #e0cc4119
 class AttnReport:
@@ -265,11 +405,12 @@ def to_html(self:AttnRecording,
             dtype=None, # None: the values as recorded, exactly; 'float16': rounded, about half the size of float32
             title:str=None, # the page's heading; default: 'Attention of <layer>'
             notes:list=None, # more lines for the notes above the maps
-            var_names:list=None, # names of the input's variables, for the series' legend
+            var_names:list=None, # names of the input's variables, for the series' legend and the variable selector
+            max_len:int=500, # maps with more cells a side are shown as their block means (as `reduce_map` gives); None: as recorded
            )->AttnReport:
     "An interactive report of the recorded maps in one self-contained HTML file: no network, opens from `file://`"
     r = AttnReport(report_html(self, titles=titles, parts=parts, classes=classes, dtype=dtype, title=title, notes=notes,
-                               var_names=var_names))
+                               var_names=var_names, max_len=max_len))
     if path is not None: r.save(path)
     return r
 
@@ -285,41 +426,46 @@ def read_report(src)->dict:
 
 # %% ../nbs/09_report.ipynb #aa4def8a
 def _report_labels(learn, rec, recs)->tuple:
-    "Titles of `recs` and names of the class means, as the figures write them (`item_title`: as tsai decodes them)"
+    "Titles of `recs` and names of the class means, as the figures write them (a channel-independent model's: its variable's values)"
     info = _info(learn, rec)
-    titles = [item_title(info, r['target'], r.get('pred')) for r in recs]
+    titles = [_titles(info, r)[1] for r in recs]
     return titles, info.get('vocab')
 
 def _bias_parts(model, rec:AttnRecording)->tuple:
-    "({'bias': per record [H, l, l] or None}, notes): eRPE's bias of `model`'s layers, reduced as the recorder reduces it"
+    "({'bias': per record [H, l, l] or None}, notes): the bias the model's layers add after their softmax, reduced as the recorder reduces it"
     mods, red, biases, notes = dict(model.named_modules()), {}, [], []
     for r in rec.records:
-        name = r['layer']
-        if name not in red:
-            m = mods.get(name)
-            red[name] = None
-            if m is not None and hasattr(m, 'relative_bias_table') and m.seq_len == rec.seq_len:
-                with torch.no_grad(): b = Attention_Rel_Scl_With_Weights.relative_bias(m).detach().float().cpu()  # [H_all, L, L]
-                red[name] = _pool_keys(b[rec.heads or slice(None)], rec.block, keys=False)[0]                      # [H, l, l]
-        biases.append(red[name])
+        key = r['layer'], tuple(r['weights'].shape)
+        if key not in red:
+            m, b = mods.get(r['layer']), None
+            if m is not None and layer_adapter(m) is not None:
+                with torch.no_grad(): b = layer_adapter(m).bias_map(m)                                     # [H_all, Lq, Lk] or None
+            red[key] = None
+            if b is not None:
+                b = b.detach().float().cpu()[rec.heads_of(r['layer']) or slice(None)]
+                k = _block_of(r, *key[1][-2:], *b.shape[-2:], rec.block)
+                red[key] = (_pool_keys(b, k, keys=False)[0], b.shape[-1], k)                               # [H, l, l], keys, block
+                if tuple(red[key][0].shape) != key[1]: red[key] = None
+        biases.append(red[key])
     if all(b is None for b in biases): return {}, notes
     # The model's bias now must be the bias of the recorded maps: then effective - bias is a softmax and its rows sum to 1
     tol = {torch.float32: 1e-4}.get(rec.records[0]['weights'].dtype, 1e-2)
-    ok = all(b is None or (_row_sums(r['weights'].double() - b.double(), rec.seq_len, rec.block) - 1).abs().max() <= tol
+    ok = all(b is None or (_row_sums(r['weights'].double() - b[0].double(), b[1], b[2]) - 1).abs().max() <= tol
              for r, b in zip(rec.records, biases))
-    if ok: return {'bias': biases}, notes
+    if ok: return {'bias': [None if b is None else b[0] for b in biases]}, notes
     names = sorted({r['layer'] for r, b in zip(rec.records, biases) if b is not None})
-    notes.append(f"{', '.join(names)} adds eRPE's relative bias after the softmax, but the model's bias now does not match these "
-                 "maps (were they recorded before more training?): the parts are not shown.")
+    notes.append(f"{', '.join(names)} adds a bias after the softmax (eRPE's relative bias), but the model's bias now does not match "
+                 "these maps (were they recorded before more training?): the parts are not shown.")
     return {}, notes
 
 def _select(rec:AttnRecording, idx, batch, sample)->list:
-    "Records of every layer for the selected items (default: the first 4 recorded of `batch`)"
+    "Records of every layer (and every variable of channel-independent models) for the selected items (default: the first 4 recorded of `batch`)"
     names = list(dict.fromkeys(rec.layers))
     if idx is None and sample is None:
         have = sorted({r['sample'] for r in rec.records if r['layer'] == names[0] and r['batch'] == batch})
         sample = have[:4] if have else 0  # nothing in that batch: _pick says which batches there are
-    return [r for name in names for r in _pick(rec, name, idx, batch, sample)[1]]
+    vs = lambda name: sorted({r.get('var') for r in rec.records if r['layer'] == name} - {None}) or [None]
+    return [r for name in names for v in vs(name) for r in _pick(rec, name, idx, batch, sample, var=v)[1]]
 
 @patch
 def attention_report(self:Learner,
@@ -328,7 +474,7 @@ def attention_report(self:Learner,
                      batch:int=0, # recorded batch number
                      sample=None, # positions within the batch (or one); None: the first 4
                      dl=None, X=None, y=None, # data to record from when nothing is recorded yet
-                     max_len:int=500, # when recording here: maps reduced to at most this many cells a side
+                     max_len:int=500, # at most this many cells a side: recorded here so, and recorded maps larger shown as their block means
                      dtype='float16', # when recording here: exact to float16, half the size of float32
                      aggregate:str=None, # when recording here: 'mean' or 'class' adds mean maps over the whole pass
                      recorder=None, # the AttnRecorder (or AttnRecording) to report; None: the last AttnRecorder added to the Learner
@@ -342,4 +488,5 @@ def attention_report(self:Learner,
     sub = AttnRecording(_select(rec, idx, batch, sample), rec.aggregates, rec.meta, rec.biases)
     parts, notes = ({}, []) if sub.biases else _bias_parts(self.model, sub)  # the recorder keeps the bias; older recordings: the model's
     titles, classes = _report_labels(self, rec, sub.records)
-    return sub.to_html(path, titles=titles, parts=parts, classes=classes, notes=notes + list(kwargs.pop('notes', None) or []), **kwargs)
+    return sub.to_html(path, titles=titles, parts=parts, classes=classes, notes=notes + list(kwargs.pop('notes', None) or []),
+                       max_len=max_len, **kwargs)

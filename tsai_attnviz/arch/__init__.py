@@ -48,6 +48,15 @@ class ArchAdapter:
         return dict(query=('time step', time_spans(n_q)), key=('time step', time_spans(n_k)))
     def __repr__(self): return f"{type(self).__name__}({self.name})"
 
+# %% ../../nbs/10_arch.ipynb #ar000007b
+from fastcore.basics import patch  # for the methods added to `ArchAdapter` after the class (one concern a cell)
+
+@patch
+def bias_map(self:ArchAdapter, layer:nn.Module)->torch.Tensor|None: # [n_heads, L, L], or None
+    "The input-independent bias `layer` adds after its softmax (eRPE), as its forward computes it; None: it adds none"
+    return None
+
+
 # %% ../../nbs/10_arch.ipynb #ar000009
 def time_spans(n:int)->np.ndarray: # [n, 2]
     "Token `i` is time step `i`"

@@ -183,3 +183,11 @@ class ConvTranPlusWithAttn(ConvTranPlus):
     def __getstate__(self):
         "Pickle without stored weights"
         return {**self.__dict__, 'attention_weights': deque(maxlen=self.max_batches)}
+
+# %% ../../nbs/11_arch_convtranplus.ipynb #ctpbias01
+from fastcore.basics import patch  # bias_map is added to the adapter in a cell of its own
+@patch
+def bias_map(self:ConvTranPlusAdapter, layer:nn.Module)->torch.Tensor|None: # [n_heads, L, L], or None
+    "eRPE's relative bias of `layer` (stock, swapped or fused alike), as the forward adds it; None for the other layers"
+    return Attention_Rel_Scl_With_Weights.relative_bias(layer) if self.adds_bias(layer) else None
+
