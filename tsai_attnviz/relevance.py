@@ -339,9 +339,9 @@ def _occlusion(model, x, target, task, window, stride, max_mem, progress)->torch
             p = _prob(_out(model, fill_steps(x[items], M[wins])), task, None if c is None else c[items])  # [b] (regression: [b, n_out])
             drops[k:k + len(kk)] = _drop(base[items], p, task).float().cpu()
             if j == 0 and len(ks) > 1 and (progress or (progress is None and _interactive() and (time.perf_counter() - t0) * len(ks) > 5)):
-                bar = progress_bar(range(len(ks)), leave=False, comment='occlusion'); bar.update(1)  # on long runs only
-            elif bar is not None: bar.update(j + 1)
-        if bar is not None: bar.on_iter_end()
+                bar = progress_bar(range(len(ks)), leave=False)  # on long runs only
+                bar.comment = 'occlusion'; bar.update(0)
+            if bar is not None: bar.update(j + 1)           # the last update closes it
     return (drops.view(n, nw) @ Mf) / Mf.sum(0)
 
 def _grad_maps(model, layer)->ExitStack:
