@@ -163,7 +163,7 @@ def grad_maps(self:ArchAdapter, layer:nn.Module)->contextlib.AbstractContextMana
     "A context in which `layer`'s forward multiplies its values by maps it hands on WITH gradients, as 'grad_attention' needs"
     fused = type(layer) in self.fast.values()
     if self.maps == 'exact' and not fused: return contextlib.nullcontext()  # its maps are those the forward multiplied by
-    if fused: how, out = "builds no map (a fused layer)", f"Give the model its exact layers back first (exact_attention(learn.model)), or use"
+    if fused: how, out = "builds no map (a fused layer)", "Give the model its exact layers back first (exact_attention(learn.model)), or use"
     else: how, out = "recomputes its maps beside the forward (no gradient reaches them)", "Use"
     raise ValueError(f"grad_attention needs the maps the forward multiplied the values by; {type(layer).__name__} ({self.name}) {how}, "
                      f"and its family can't rebuild them with gradients. {out} 'attention', 'value_norm', 'rollout' or 'occlusion'.")
