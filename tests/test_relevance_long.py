@@ -136,6 +136,8 @@ def test_occlusion_batches_by_max_mem():
     big = model_relevance(m, x, 'occlusion')
     assert m.sizes == [1, 2, n_copies]                                                     # item 0, items 1-2, every copy at once
     assert np.allclose(small, big, atol=1e-6) and (big.argmax(1) == 7).all()
+    alone = np.concatenate([model_relevance(m, x[i:i + 1], 'occlusion') for i in range(3)])  # copies of several items in one forward
+    assert np.allclose(big, alone, atol=1e-6)                                               # are each their own item's
     with pytest.raises(ValueError, match='max_mem=0'): model_relevance(m, x, 'occlusion', max_mem=0)
 
 def test_occlusion_budget_from_the_family():
@@ -172,7 +174,8 @@ def reg_learner():
                        arch_config=dict(d_model=16, n_heads=8), bs=8, verbose=False, seed=0), X
 
 BAD = [(dict(head='2'), TypeError, r"head='2' is a str: pass a head number, an int in 0..7 \(the layer has 8 heads\), or None"),
-       (dict(head=9), IndexError, r'head=9 but the layer has 8 heads \(0..7\)'),
+       (dict(head=8), IndexError, r'head=8 but the layer has 8 heads \(0..7\)'),
+       (dict(head=-1), IndexError, r'head=-1 but the layer has 8 heads \(0..7\)'),
        (dict(head=2.0), TypeError, 'head=2.0 is a float'),
        (dict(layer=3), IndexError, r'layer=3 but the model has 1 attention layers \(0..0\)'),
        (dict(layer='attn'), ValueError, "layer='attn' is not an attention layer of this model: they are \\['backbone.attention_layer'\\]"),
