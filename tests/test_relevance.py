@@ -250,9 +250,7 @@ def test_every_family_every_method(name):
     m, x = _family_models()[name].eval(), torch.randn(3, 4, 32)
     task = 'regression' if name == 'PatchTST' else 'classification'
     for method in METHODS:
-        if (name, method) in {('TransformerModel', 'grad_attention')}:
-            with pytest.raises(ValueError, match='recomputes them beside the forward'): model_relevance(m, x, method, task=task)
-        elif (name, method) == ('TSPerceiver', 'rollout'):
+        if (name, method) == ('TSPerceiver', 'rollout'):
             with pytest.raises(ValueError, match='cross-attention'): model_relevance(m, x, method, task=task)
         else:
             r = model_relevance(m, x, method, task=task)
@@ -288,7 +286,6 @@ def test_fused_layers_give_the_exact_relevance():
     from tsai_attnviz.fast import fast_attention
     torch.manual_seed(0)
     m, x = ConvTranPlus(4, 3, 32).eval(), torch.randn(3, 4, 32)
-    exact = {meth: model_relevance(m, x, meth) for meth in ('attention', 'value_norm', 'rollout')}
+    exact = {meth: model_relevance(m, x, meth) for meth in ('attention', 'value_norm', 'rollout', 'grad_attention')}
     fast_attention(m)
-    for meth, r in exact.items(): assert np.allclose(model_relevance(m, x, meth), r, atol=1e-5), meth
-    with pytest.raises(ValueError, match='recomputes them beside the forward'): model_relevance(m, x, 'grad_attention')
+    for meth, r in exact.items(): assert np.allclose(model_relevance(m, x, meth), r, atol=1e-5), meth  # grad_attention: as its exact twin

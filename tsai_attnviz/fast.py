@@ -205,3 +205,24 @@ def exact_attention(model:nn.Module, # any module holding ConvTranPlus attention
             for a in ('chunk',) + _NOT_KEPT: m.__dict__.pop(a, None)
             m.__class__ = stock[type(m)]
     return model
+
+# %% ../nbs/08_fast.ipynb #fa570017
+from fastcore.basics import patch
+from .arch import ArchAdapter
+from .arch.convtranplus import ConvTranPlusAdapter, _TWINS
+
+class _AsExact:
+    "While active, a fused layer is its exact `*_With_Weights` twin: its forward builds the maps, with gradients, as the exact layer does"
+    def __init__(self, layer): self.layer,self.fused = layer,type(layer)
+    def __enter__(self):
+        self.layer.__class__ = _TWINS[{v:k for k,v in _FAST.items()}[self.fused]]
+        return self.layer
+    def __exit__(self, *exc):
+        for a in ('keep_weights', 'attn_weights', 'attn_softmax'): self.layer.__dict__.pop(a, None)  # the twin's, if any were set
+        self.layer.__class__ = self.fused
+
+@patch
+def grad_maps(self:ConvTranPlusAdapter, layer):
+    "Fused layers run as their exact twin for the duration ('grad_attention' differentiates by the maps); exact ones as they are"
+    return _AsExact(layer) if type(layer) in self.fast.values() else ArchAdapter.grad_maps(self, layer)
+

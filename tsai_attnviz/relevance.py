@@ -33,8 +33,8 @@ from .data import check_X, target_info, class_index
 from .plot import _finish
 
 # %% auto #0
-__all__ = ['METHODS', 'PARTS', 'TASKS', 'VALUE_F', 'UNITS', 'check_method', 'value_vectors', 'attention_rollout', 'fill_steps',
-           'model_relevance', 'plot_relevance']
+__all__ = ['METHODS', 'PARTS', 'TASKS', 'VALUE_F', 'N_WINDOWS', 'UNITS', 'check_method', 'value_vectors', 'attention_rollout',
+           'fill_steps', 'Workspace', 'model_relevance', 'check_relevance_args', 'plot_relevance']
 
 # %% ../nbs/20_relevance.ipynb #2e1e0a07
 METHODS = dict(
@@ -281,28 +281,76 @@ def _attention_relevance(model, x, method, layer, head, target, task, part)->tor
         rel.append(steps(d, v))
     return torch.stack(rel).mean(0)  # a layer called several times per forward: the mean of its calls
 
-def _occlusion(model, x, target, task, window, stride, bs)->torch.Tensor: # [n, L]
-    "Mean drop of the prediction over the windows (replaced by the item's per-variable mean) that cover each step"
-    n, _, L = x.shape
+
+# %% ../nbs/20_relevance.ipynb #2e1e0a2a
+import sys, time
+from contextlib import ExitStack
+from fastprogress.fastprogress import progress_bar, IN_NOTEBOOK
+
+N_WINDOWS = 40  # occlusion's default stride gives about this many windows at any seq_len ≥ 2·40 (every step below it)
+
+def _nbytes(t)->int: return sum(a.numel() * a.element_size() for a in (t if isinstance(t, (tuple, list)) else [t]) if torch.is_tensor(a))
+
+class Workspace:
+    "While active, forward hooks on every module of `model` estimate what one forward holds at once: `bytes`"
+    def __init__(self, model:nn.Module): self.model,self.io,self.att,self.hooks = model,0,0,[]
+    def __enter__(self):
+        attn = {id(m) for _, m in attention_layers(self.model)}
+        def hook(m, args, kwargs, out):
+            self.io = max(self.io, _nbytes(list(args) + list(kwargs.values())) + _nbytes(out))
+            if id(m) in attn: self.att = max(self.att, layer_adapter(m).forward_bytes(m, args, kwargs) or 0)
+        self.hooks = [m.register_forward_hook(hook, with_kwargs=True) for m in self.model.modules()]
+        return self
+    def __exit__(self, *exc):
+        for h in self.hooks: h.remove()
+    @property
+    def bytes(self)->int: return 2 * self.io + self.att  # twice the largest module inputs + outputs, plus the attention workspace its family tells
+
+def _windows(L:int, window, stride)->torch.Tensor: # [n_windows, L], bool
+    "The occlusion windows: `window` steps (a float: that fraction of L) every `stride` steps (None: about `N_WINDOWS` of them), the last steps covered too"
     w = max(1, int(round(window * L))) if isinstance(window, float) else int(window)
     if not 1 <= w <= L: raise ValueError(f"window={window!r} covers {w} steps: use 1..{L} steps, or a fraction of seq_len.")
-    if int(stride) < 1: raise ValueError(f"stride={stride}: use a positive number of steps.")
-    starts = list(range(0, L - w + 1, int(stride)))
+    s = max(1, min(w, L // N_WINDOWS)) if stride is None else int(stride)
+    if s < 1: raise ValueError(f"stride={stride}: use a positive number of steps (or None: about {N_WINDOWS} windows).")
+    starts = list(range(0, L - w + 1, s))
     if starts[-1] != L - w: starts.append(L - w)  # the last steps are covered too
-    M = torch.zeros(len(starts), L, dtype=torch.bool, device=x.device)                   # [n_windows, L]
-    for j, s in enumerate(starts): M[j, s:s + w] = True
-    Mf, rel = M.float().cpu(), torch.zeros(n, L)
+    M = torch.zeros(len(starts), L, dtype=torch.bool)
+    for j, a in enumerate(starts): M[j, a:a + w] = True
+    return M
+
+def _interactive()->bool: return IN_NOTEBOOK or bool(getattr(sys.stdout, 'isatty', lambda: False)())
+
+def _occlusion(model, x, target, task, window, stride, max_mem, progress)->torch.Tensor: # [n, L]
+    "Mean drop of the prediction over the windows (replaced by the item's per-variable mean) that cover each step"
+    n, _, L = x.shape
+    M = _windows(L, window, stride).to(x.device)                                        # [n_windows, L]
+    nw, Mf = len(M), M.float().cpu()
     with torch.no_grad():
-        out = _out(model, x)
+        with Workspace(model) as ws: out0 = _out(model, x[:1])                           # one item first: what a forward holds
+        b = max(1, int(max_mem * 2**20 // max(ws.bytes, 1)))                            # copies per forward
+        out = torch.cat([out0.reshape(1, -1)] + [_out(model, x[i:i + b]).reshape(len(x[i:i + b]), -1) for i in range(1, n, b)])
         c = _classes(out, task, target)
         base = _prob(out, task, c)
-        for i in range(n):
-            xs = fill_steps(x[i:i + 1].expand(len(starts), -1, -1), M)                  # [n_windows, c_in, L]
-            ci = None if c is None else c[i:i + 1].expand(len(starts))
-            drops = torch.cat([_drop(base[i:i + 1], _prob(_out(model, xs[k:k + bs]), task, None if ci is None else ci[k:k + bs]),
-                                     task) for k in range(0, len(starts), bs)])          # [n_windows]
-            rel[i] = (drops.float().cpu() @ Mf) / Mf.sum(0)
-    return rel
+        drops, ks = torch.zeros(n * nw), list(range(0, n * nw, b))                      # copy k: item k // nw, window k % nw
+        t0, bar = time.perf_counter(), None
+        for j, k in enumerate(ks):
+            kk = torch.arange(k, min(k + b, n * nw), device=x.device)
+            items, wins = kk // nw, kk % nw
+            p = _prob(_out(model, fill_steps(x[items], M[wins])), task, None if c is None else c[items])  # [b] (regression: [b, n_out])
+            drops[k:k + len(kk)] = _drop(base[items], p, task).float().cpu()
+            if j == 0 and len(ks) > 1 and (progress or (progress is None and _interactive() and (time.perf_counter() - t0) * len(ks) > 5)):
+                bar = progress_bar(range(len(ks)), leave=False)  # on long runs only
+                bar.comment = 'occlusion'; bar.update(0)
+            if bar is not None: bar.update(j + 1)           # the last update closes it
+    return (drops.view(n, nw) @ Mf) / Mf.sum(0)
+
+def _grad_maps(model, layer)->ExitStack:
+    "A context in which the layers 'grad_attention' reads (the one chosen; None: every one) hand on maps with gradients, as their family does it"
+    layers, stack = attention_layers(model), ExitStack()
+    try:
+        for _, m in (layers if layer is None else [layers[_pick_layer(layers, layer)]]): stack.enter_context(layer_adapter(m).grad_maps(m))
+    except BaseException: stack.close(); raise
+    return stack
 
 def model_relevance(model:nn.Module, # a model with supported attention layers (any model for 'occlusion')
                     x, # [n, c_in, seq_len], the input as the model takes it (after the batch transforms)
@@ -312,14 +360,19 @@ def model_relevance(model:nn.Module, # a model with supported attention layers (
                     target:int=None, # class number to explain; None: the predicted class (regression: output number; None: all)
                     task:str='classification', # 'classification', 'multilabel' or 'regression'
                     part:str='effective', # the map: 'effective' (eRPE: softmax + bias) or 'softmax'
-                    window=0.05, # occlusion: window as a fraction of seq_len (float) or in steps (int)
-                    stride:int=1, # occlusion: steps between windows
-                    bs:int=64, # items (occlusion: occluded copies) per forward
+                    window=0.05, # occlusion: window as a fraction of seq_len (float) or in steps (int); 0.05: 150 steps at seq_len 3000
+                    stride:int=None, # occlusion: steps between windows; None: seq_len // 40 (1 below 80 steps, at most the window): about 40 windows
+                    bs:int=64, # items per forward (attention methods)
+                    max_mem:float=1024, # MB a forward may hold: occluded copies per forward, and at most `bs` items per forward otherwise
+                    progress:bool=None, # occlusion: a progress bar; None: on runs longer than a few seconds, in a terminal or notebook
                    )->np.ndarray: # [n, seq_len], float32
-    "Relevance of each time step of each item of `x` by `method`, on the model's device; the model is left as it was"
+    """Relevance of each time step of each item of `x` by `method`, on the model's device; the model is left as it was.
+    Occlusion's defaults give about 40 windows of 5% of seq_len at any length (150 steps every 75 at 3000; at seq_len < 80,
+    every start), in batches of occluded copies sized by `max_mem` from a trial forward and the family's attention workspace."""
     check_method(method)
     if task not in TASKS: raise ValueError(f"task={task!r}: use one of {TASKS}.")
     if part not in PARTS: raise ValueError(f"part={part!r}: use 'effective' or 'softmax'.")
+    if not max_mem > 0: raise ValueError(f"max_mem={max_mem!r}: use a positive number of MB.")
     x = torch.as_tensor(x)
     if x.ndim != 3: raise ValueError(f"x has shape {list(x.shape)}; expected [n_samples, n_vars, seq_len].")
     if method == 'occlusion' and (head is not None or layer is not None):
@@ -331,29 +384,85 @@ def model_relevance(model:nn.Module, # a model with supported attention layers (
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        if method == 'occlusion': return _occlusion(model, x, target, task, window, stride, bs).numpy()
-        return torch.cat([_attention_relevance(model, x[i:i + bs], method, layer, head, target, task, part)
-                          for i in range(0, len(x), bs)]).numpy()
+        if method == 'occlusion': return _occlusion(model, x, target, task, window, stride, max_mem, progress).numpy()
+        with (_grad_maps(model, layer) if method == 'grad_attention' else ExitStack()):
+            with Workspace(model) as ws: rel = [_attention_relevance(model, x[:1], method, layer, head, target, task, part)]
+            # items per forward: at most bs, and what fits max_mem (the maps kept and the backward's hold about twice the forward's)
+            per = ws.bytes * (3 if method == 'grad_attention' else 1)
+            bs = max(1, min(int(bs), int(max_mem * 2**20 // max(per, 1))))
+            rel += [_attention_relevance(model, x[i:i + bs], method, layer, head, target, task, part) for i in range(1, len(x), bs)]
+            return torch.cat(rel).numpy()
     finally:
         for m, t in modes: m.training = t
 
+
 # %% ../nbs/20_relevance.ipynb #2e1e0a30
+def _is_int(v)->bool: return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
 def _check_idx(idx, n:int, what:str)->list:
     "Indices as a list of ints, or an error naming the range"
-    idx = [int(i) for i in listify(idx)]
+    idx = listify(idx.tolist() if isinstance(idx, np.ndarray) else idx)
     if not idx: raise ValueError(f"idx is empty: give one or more indices of {what} (0..{n - 1}).")
-    bad = [i for i in idx if not 0 <= i < n]
+    for i in idx:
+        if not _is_int(i): raise TypeError(f"idx={i!r} is not an index: pass an int or a list of ints in 0..{n - 1} ({what} has {n} items).")
+    bad = [int(i) for i in idx if not 0 <= i < n]
     if bad: raise IndexError(f"idx={bad[0]} is out of range: {what} has {n} items (0..{n - 1}).")
-    return idx
+    return [int(i) for i in idx]
 
 def _input_shape(model):
     "(c_in, seq_len) the model was built for, as its family tells, or None"
     try: return adapters_for(model)[0].input_shape(model)
     except ValueError: return None
 
+def _dls_shape(dls):
+    "(c_in, seq_len) of tsai's DataLoaders (`vars`, `len`), or None"
+    c, L = getattr(dls, 'vars', None), getattr(dls, 'len', None)
+    return (c, L) if _is_int(c) and _is_int(L) else None
+
 def _no_data(learn)->bool:
     try: return not len(learn.dls.valid.dataset)
     except (AttributeError, TypeError): return False
+
+def check_relevance_args(model:nn.Module, # the model to explain
+                         method, layer, head, # as `Learner.relevance` takes them
+                         target=None, # as passed: label or class number; regression: output number
+                         info:dict=None, # `target_info` of the Learner: task and class names
+                         n_out:int=None, # regression: the model's number of outputs, when known
+                        )->dict: # {'target': the class or output number to explain, or None}
+    "Check `relevance`'s method, layer, head and target before any work: what was wrong, what is allowed, what to do"
+    if not isinstance(method, str): raise TypeError(f"method={method!r} is a {type(method).__name__}: pass one of " + ', '.join(map(repr, METHODS)) + '.')
+    check_method(method)
+    if method == 'occlusion':
+        if layer is not None or head is not None:
+            raise ValueError(f"method='occlusion' is model-agnostic: it takes no layer= or head= (got layer={layer!r}, head={head!r}); "
+                             "drop them, or use an attention method.")
+    else:
+        layers = attention_layers(model)
+        if not layers: adapters_for(model, f"relevance(method={method!r})")  # the error that names the supported families
+        names = [n for n, _ in layers]
+        if layer is not None:
+            if isinstance(layer, str):
+                if layer not in names: raise ValueError(f"layer={layer!r} is not an attention layer of this model: they are {names}.")
+            elif not _is_int(layer):
+                raise TypeError(f"layer={layer!r} is a {type(layer).__name__}: pass a layer number in {-len(names)}..{len(names) - 1} or a name, one of {names}.")
+            elif not -len(names) <= layer < len(names):
+                raise IndexError(f"layer={layer} but the model has {len(names)} attention layers (0..{len(names) - 1}): {names}.")
+        if head is not None:
+            if method == 'rollout': raise ValueError("rollout averages the heads of every layer: drop head=, or use 'attention', 'value_norm' or 'grad_attention'.")
+            picked = layers if layer is None else [layers[names.index(layer)] if isinstance(layer, str) else layers[layer]]
+            H = sorted({layer_adapter(m).n_heads(m) for _, m in picked})
+            what = 'the layer has' if len(picked) == 1 else "the model's attention layers have"
+            if not _is_int(head):
+                raise TypeError(f"head={head!r} is a {type(head).__name__}: pass a head number, an int in 0..{H[-1] - 1} "
+                                f"({what} {'/'.join(map(str, H))} heads), or None for the mean over heads.")
+            if not 0 <= head < H[-1]: raise IndexError(f"head={head} but {what} {'/'.join(map(str, H))} heads (0..{H[-1] - 1}).")
+    info = info or dict(task='classification', vocab=None)
+    if target is None: return dict(target=None)
+    if info['task'] != 'regression': return dict(target=class_index(info, target))
+    if not _is_int(target) or target < 0 or (n_out is not None and target >= n_out):
+        have = f": the model has {n_out} outputs (0..{n_out - 1})" if n_out else ''
+        raise ValueError(f"target={target!r} is not an output number{have}: a regression's target is an output's number, or None for the sum of all outputs.")
+    return dict(target=int(target))
 
 @patch
 def relevance(self:Learner,
@@ -364,14 +473,19 @@ def relevance(self:Learner,
               head:int=None, # one head; None: the mean over heads
               target=None, # class to explain (label, or number as `class_index` reads it); None: the predicted class
               part:str='effective', # eRPE: 'effective' (softmax + bias) or 'softmax' (what the input changed)
-              window=0.05, stride:int=1, # occlusion's window (fraction of seq_len, or steps) and stride
-              bs:int=16, # items per forward
+              window=0.05, # occlusion's window: a fraction of seq_len (150 steps at 3000), or steps
+              stride:int=None, # occlusion's stride in steps; None: about 40 windows (seq_len // 40; every step below 80 steps)
+              bs:int=16, # items per forward (at most: `max_mem` may lower it)
+              max_mem:float=1024, # MB a forward may hold: sizes occlusion's batches of copies (and the attention methods')
+              progress:bool=None, # occlusion: a progress bar; None: on runs longer than a few seconds, in a terminal or notebook
               with_input:bool=False, # also return the input as the model saw it
              )->np.ndarray: # [n_items, seq_len] (with `with_input`: and the input, [n_items, n_vars, seq_len])
     "Relevance of each time step of the input for each item, by `method`, through the Learner's batch transforms"
-    check_method(method)
+    info = target_info(self)
+    c = check_relevance_args(self.model, method, layer, head, target, info, getattr(self.dls, 'c', None))['target']
+    if part not in PARTS: raise ValueError(f"part={part!r}: use 'effective' or 'softmax'.")
     if X is not None:
-        shape = _input_shape(self.model) if method != 'occlusion' else None
+        shape = _input_shape(self.model) or _dls_shape(self.dls)  # the family tells, else tsai's DataLoaders (occlusion takes any model)
         X = check_X(X, *shape) if shape is not None else np.asarray(X, dtype='float32')
         if X.ndim != 3: raise ValueError(f"X has shape {list(X.shape)}; expected [n_samples, n_vars, seq_len].")
         if idx is not None: X = X[_check_idx(idx, len(X), 'X')]
@@ -383,15 +497,15 @@ def relevance(self:Learner,
         idx = _check_idx([0] if idx is None else idx, len(ds), 'the validation set')
         if hasattr(ds, 'ptls'): dl = self.dls.valid.new(ds.subset(idx), bs=bs, shuffle=False, drop_last=False)  # tsai's datasets
         else: dl = self.dls.valid.new_dl(np.stack([np.asarray(ds[i][0]) for i in idx]), bs=bs)
-    info = target_info(self)
-    c = target if target is None or info['task'] == 'regression' else class_index(info, target)
     rels, xs = [], []
     for b in dl:
         xb = b[0] if isinstance(b, (tuple, list)) else b
-        rels.append(model_relevance(self.model, xb, method, layer, head, c, info['task'], part, window, stride, bs))
+        rels.append(model_relevance(self.model, xb, method, layer, head, c, info['task'], part, window=window, stride=stride, bs=bs,
+                                    max_mem=max_mem, progress=progress))
         if with_input: xs.append(xb.detach().float().cpu().numpy())
     rel = np.concatenate(rels)
     return (rel, np.concatenate(xs)) if with_input else rel
+
 
 # %% ../nbs/20_relevance.ipynb #2e1e0a33
 UNITS = dict(attention='received', value_norm='Σᵢ|αᵢⱼ|·‖f(xⱼ)‖', grad_attention='(A ⊙ ∂y/∂A)⁺',

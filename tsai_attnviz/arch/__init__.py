@@ -163,6 +163,26 @@ def tokens_of(model:nn.Module, name:str, layer:nn.Module, seq_len:int, n_q:int, 
     "What the queries and keys of `layer` are: `dict(query=(kind, spans), key=(kind, spans))` (see `ArchAdapter.tokens`)"
     return layer_adapter(layer).tokens(model, name, layer, seq_len, n_q, n_k)
 
+# %% ../../nbs/10_arch.ipynb #ar00001e
+import contextlib
+from fastcore.basics import patch
+
+@patch
+def grad_maps(self:ArchAdapter, layer:nn.Module)->contextlib.AbstractContextManager:
+    "A context in which `layer`'s forward multiplies its values by maps it hands on WITH gradients, as 'grad_attention' needs"
+    fused = type(layer) in self.fast.values()
+    if self.maps == 'exact' and not fused: return contextlib.nullcontext()  # its maps are those the forward multiplied by
+    if fused: how, out = "builds no map (a fused layer)", "Give the model its exact layers back first (exact_attention(learn.model)), or use"
+    else: how, out = "recomputes its maps beside the forward (no gradient reaches them)", "Use"
+    raise ValueError(f"grad_attention needs the maps the forward multiplied the values by; {type(layer).__name__} ({self.name}) {how}, "
+                     f"and its family can't rebuild them with gradients. {out} 'attention', 'value_norm', 'rollout' or 'occlusion'.")
+
+@patch
+def forward_bytes(self:ArchAdapter, layer:nn.Module, args:tuple, kwargs:dict)->int|None:
+    "Bytes per item that a forward without gradients of this call of `layer` holds at once beyond its inputs and outputs; None: unknown"
+    return None
+
+
 # %% ../../nbs/10_arch.ipynb #ar000013
 # every module of this package is a family: importing them registers their adapters
 if '__path__' in globals():

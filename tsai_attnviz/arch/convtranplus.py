@@ -131,6 +131,18 @@ CONVTRANPLUS = register(ConvTranPlusAdapter())
 _TWINS, _FAST = CONVTRANPLUS.twins, CONVTRANPLUS.fast
 _STOCK = {v:k for k,v in _TWINS.items()}
 
+# %% ../../nbs/11_arch_convtranplus.ipynb #c7b1e001
+from fastcore.basics import patch
+
+@patch
+def forward_bytes(self:ConvTranPlusAdapter, layer, args, kwargs):
+    "Per item: an exact layer holds scores, softmax and (eRPE) their sum with the bias, `[H, L, L]` each; a fused one about 12 `[L, d_model]` buffers"
+    x = (list(args) + list(kwargs.values()))[0]                            # [bs, L, d_model]
+    L, d, item = x.shape[1], x.shape[2], x.element_size()
+    if type(layer) in self.fast.values(): return 12 * L * d * item        # q, k, v padded, SDPA's output, the FFT's buffers
+    return 3 * layer.n_heads * L * L * item
+
+
 # %% ../../nbs/11_arch_convtranplus.ipynb #7de97f81
 class ConvTranPlusWithAttn(ConvTranPlus):
     "`ConvTranPlus` whose attention weights are stored, per eval forward, as CPU copies in `attention_weights`"

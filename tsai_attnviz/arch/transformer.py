@@ -111,3 +111,62 @@ class TransformerAdapter(ArchAdapter):
         return dict(query=('token', np.full((n_q, 2), -1)), key=('token', np.full((n_k, 2), -1)))
 
 TRANSFORMER = register(TransformerAdapter())
+
+# %% ../../nbs/16_arch_transformer.ipynb #7f16a01b
+import types
+from fastcore.basics import patch
+
+def _forward_with_grad_maps(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+    "The layer's forward written out as torch's math path does it, the softmax that multiplies the values built with gradients and handed on"
+    if src.is_nested: raise ValueError("grad_attention: nested (padded) batches are not supported: pass a plain tensor batch.")
+    mha = self.self_attn
+    x = src[None] if src.dim() == 2 else src if mha.batch_first else src.transpose(0, 1)        # [bs, L, E]
+    def sa(x): # [bs, L, E]
+        bs, L, E = x.shape
+        H = mha.num_heads
+        w = mha.in_proj_weight if mha.in_proj_weight is not None else torch.cat([mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight])
+        q, k, v = F.linear(x, w, mha.in_proj_bias).reshape(bs, L, 3, H, -1).permute(2, 0, 3, 1, 4)  # 3 × [bs, H, L, d_head]
+        logits = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5                          # [bs, H, L, L]
+        mask = src_mask
+        if mask is None and is_causal: mask = torch.ones(L, L, dtype=torch.bool, device=x.device).triu(1)
+        if mask is not None:
+            m = _additive(mask, logits.dtype)
+            logits = logits + (m.reshape(-1, H, L, L) if m.dim() == 3 else m)                       # [bs·H, L, L]: per sample and head
+        if src_key_padding_mask is not None: logits = logits + _additive(src_key_padding_mask, logits.dtype).reshape(-1, 1, 1, L)
+        sm = F.softmax(logits, dim=-1)
+        attn = F.dropout(sm, mha.dropout, self.training)                                            # what multiplies the values
+        self._expose(attn, sm, logits)  # the receiver gets them with their gradients
+        return self.dropout1(mha.out_proj(torch.matmul(attn, v).transpose(1, 2).reshape(bs, L, E)))
+    if self.norm_first:
+        x = x + sa(self.norm1(x))
+        x = x + self._ff_block(self.norm2(x))
+    else:
+        x = self.norm1(x + sa(x))
+        x = self.norm2(x + self._ff_block(x))
+    return x[0] if src.dim() == 2 else x if mha.batch_first else x.transpose(0, 1)
+
+class _WithGradMaps:
+    "While active, the layer is the twin and runs `_forward_with_grad_maps` (a stock layer is swapped for the duration, and back)"
+    def __init__(self, layer): self.layer,self.cls = layer,type(layer)
+    def __enter__(self):
+        self.layer.__class__ = TransformerEncoderLayer_With_Weights
+        self.layer.forward = types.MethodType(_forward_with_grad_maps, self.layer)
+        return self.layer
+    def __exit__(self, *exc):
+        for a in ('forward', 'keep_weights', 'receiver', 'attn_weights', 'attn_softmax'):
+            if self.cls is not TransformerEncoderLayer_With_Weights or a == 'forward': self.layer.__dict__.pop(a, None)
+        self.layer.__class__ = self.cls
+
+@patch
+def grad_maps(self:TransformerAdapter, layer):
+    "The forward is torch's fused op, which keeps no map: for the duration the layer computes its attention by hand, maps with gradients"
+    return _WithGradMaps(layer)
+
+@patch
+def forward_bytes(self:TransformerAdapter, layer, args, kwargs):
+    "Per item: scores, softmax and their product's input, `[H, L, L]` each"
+    x = args[0] if args else kwargs['src']
+    if x.is_nested: return None
+    L = x.shape[0] if x.dim() == 2 else x.shape[1] if layer.self_attn.batch_first else x.shape[0]
+    return 3 * self.n_heads(layer) * L * L * x.element_size()
+
