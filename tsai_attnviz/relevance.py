@@ -33,8 +33,8 @@ from .data import check_X, target_info, class_index
 from .plot import _finish
 
 # %% auto #0
-__all__ = ['METHODS', 'PARTS', 'TASKS', 'VALUE_F', 'N_WINDOWS', 'UNITS', 'check_method', 'value_vectors', 'attention_rollout',
-           'fill_steps', 'Workspace', 'model_relevance', 'check_relevance_args', 'plot_relevance']
+__all__ = ['METHODS', 'MODEL_AGNOSTIC', 'PARTS', 'TASKS', 'VALUE_F', 'N_WINDOWS', 'UNITS', 'check_method', 'value_vectors',
+           'attention_rollout', 'fill_steps', 'Workspace', 'model_relevance', 'check_relevance_args', 'plot_relevance']
 
 # %% ../nbs/20_relevance.ipynb #2e1e0a07
 METHODS = dict(
@@ -43,7 +43,13 @@ METHODS = dict(
     grad_attention="(A ⊙ ∂y/∂A)⁺ for the predicted class (Chefer et al. 2021): mean over heads, then over queries",
     rollout='attention rollout (Abnar & Zuidema 2020): Π_l rownorm(½·A_l + ½·I), heads averaged, mean over queries',
     occlusion="drop of the predicted class's probability when a window is replaced by the item's per-variable mean",
+    integrated_gradients="Captum's IntegratedGradients: the path integral of the gradient from a zero baseline (50 steps)",
+    saliency="Captum's Saliency: the gradient's magnitude",
+    input_x_gradient="Captum's InputXGradient: the input times the gradient",
+    gradient_shap="Captum's GradientShap: expected gradient × (input − baseline) over noisy points between a zero baseline and the input",
+    feature_ablation="Captum's FeatureAblation: the drop of the output when each value (or each group of `feature_mask`) is set to 0",
 )  # method -> what it measures
+MODEL_AGNOSTIC = ('occlusion', 'integrated_gradients', 'saliency', 'input_x_gradient', 'gradient_shap', 'feature_ablation')  # read no attention
 PARTS = ('effective', 'softmax')  # eRPE adds an input-independent bias after the softmax: 'effective' includes it
 TASKS = ('classification', 'multilabel', 'regression')
 
@@ -286,6 +292,7 @@ def _attention_relevance(model, x, method, layer, head, target, task, part)->tor
 import sys, time
 from contextlib import ExitStack
 from fastprogress.fastprogress import progress_bar, IN_NOTEBOOK
+from .attributions import captum_relevance, CAPTUM_METHODS
 
 N_WINDOWS = 40  # occlusion's default stride gives about this many windows at any seq_len ≥ 2·40 (every step below it)
 
@@ -365,7 +372,9 @@ def model_relevance(model:nn.Module, # a model with supported attention layers (
                     bs:int=64, # items per forward (attention methods)
                     max_mem:float=1024, # MB a forward may hold: occluded copies per forward, and at most `bs` items per forward otherwise
                     progress:bool=None, # occlusion: a progress bar; None: on runs longer than a few seconds, in a terminal or notebook
-                   )->np.ndarray: # [n, seq_len], float32
+                    per_var:bool=False, # Captum's methods: one row per variable, [n, c_in, seq_len], instead of their sum
+                    **kwargs, # Captum's methods: passed on to its `attribute` (n_steps, baselines, feature_mask, ...)
+                   )->np.ndarray: # [n, seq_len] (per_var: [n, c_in, seq_len]), float32
     """Relevance of each time step of each item of `x` by `method`, on the model's device; the model is left as it was.
     Occlusion's defaults give about 40 windows of 5% of seq_len at any length (150 steps every 75 at 3000; at seq_len < 80,
     every start), in batches of occluded copies sized by `max_mem` from a trial forward and the family's attention workspace."""
@@ -375,8 +384,10 @@ def model_relevance(model:nn.Module, # a model with supported attention layers (
     if not max_mem > 0: raise ValueError(f"max_mem={max_mem!r}: use a positive number of MB.")
     x = torch.as_tensor(x)
     if x.ndim != 3: raise ValueError(f"x has shape {list(x.shape)}; expected [n_samples, n_vars, seq_len].")
-    if method == 'occlusion' and (head is not None or layer is not None):
-        raise ValueError("occlusion is model-agnostic: it takes no layer= or head=.")
+    if method in MODEL_AGNOSTIC and (head is not None or layer is not None):
+        raise ValueError(f"{method} is model-agnostic: it takes no layer= or head=.")
+    if (per_var or kwargs) and method not in CAPTUM_METHODS:
+        raise ValueError(f"per_var= and {', '.join(kwargs) or 'other'} arguments are for Captum's methods ({', '.join(CAPTUM_METHODS)}), not {method!r}.")
     if method == 'rollout' and head is not None:
         raise ValueError("rollout averages the heads of every layer: head= is for 'attention', 'value_norm' and 'grad_attention'.")
     p = next(model.parameters(), None)
@@ -385,6 +396,11 @@ def model_relevance(model:nn.Module, # a model with supported attention layers (
     try:
         model.eval()
         if method == 'occlusion': return _occlusion(model, x, target, task, window, stride, max_mem, progress).numpy()
+        if method in CAPTUM_METHODS:
+            # inputs per forward: at most bs, and what fits max_mem (a backward holds about twice what its forward does)
+            with Workspace(model) as ws, torch.no_grad(): _out(model, x[:1])
+            fit = int(max_mem * 2**20 // max(3 * ws.bytes, 1))
+            return captum_relevance(model, x, method, target, task, per_var, bs=max(1, min(int(bs), fit)), **kwargs)
         with (_grad_maps(model, layer) if method == 'grad_attention' else ExitStack()):
             with Workspace(model) as ws: rel = [_attention_relevance(model, x[:1], method, layer, head, target, task, part)]
             # items per forward: at most bs, and what fits max_mem (the maps kept and the backward's hold about twice the forward's)
@@ -432,9 +448,9 @@ def check_relevance_args(model:nn.Module, # the model to explain
     "Check `relevance`'s method, layer, head and target before any work: what was wrong, what is allowed, what to do"
     if not isinstance(method, str): raise TypeError(f"method={method!r} is a {type(method).__name__}: pass one of " + ', '.join(map(repr, METHODS)) + '.')
     check_method(method)
-    if method == 'occlusion':
+    if method in MODEL_AGNOSTIC:
         if layer is not None or head is not None:
-            raise ValueError(f"method='occlusion' is model-agnostic: it takes no layer= or head= (got layer={layer!r}, head={head!r}); "
+            raise ValueError(f"method={method!r} is model-agnostic: it takes no layer= or head= (got layer={layer!r}, head={head!r}); "
                              "drop them, or use an attention method.")
     else:
         layers = attention_layers(model)
@@ -468,7 +484,7 @@ def check_relevance_args(model:nn.Module, # the model to explain
 def relevance(self:Learner,
               idx=None, # validation-set indices (int or list), default [0]; with X: rows of X (default: all)
               X=None, # new data [n_samples, n_vars, seq_len] instead of the validation set
-              method:str='attention', # 'attention', 'value_norm', 'grad_attention', 'rollout' or 'occlusion' (see `METHODS`)
+              method:str='attention', # 'attention', 'value_norm', 'grad_attention', 'rollout', 'occlusion' or one of Captum's (see `METHODS`)
               layer=None, # attention layer (number or name); None: the last whose keys are time steps ('rollout': every layer up to it)
               head:int=None, # one head; None: the mean over heads
               target=None, # class to explain (label, or number as `class_index` reads it); None: the predicted class
@@ -479,7 +495,9 @@ def relevance(self:Learner,
               max_mem:float=1024, # MB a forward may hold: sizes occlusion's batches of copies (and the attention methods')
               progress:bool=None, # occlusion: a progress bar; None: on runs longer than a few seconds, in a terminal or notebook
               with_input:bool=False, # also return the input as the model saw it
-             )->np.ndarray: # [n_items, seq_len] (with `with_input`: and the input, [n_items, n_vars, seq_len])
+              per_var:bool=False, # Captum's methods: one row per variable, [n_items, n_vars, seq_len]
+              **kwargs, # Captum's methods: passed on to its `attribute` (n_steps, baselines, feature_mask, ...)
+             )->np.ndarray: # [n_items, seq_len] (per_var: [n_items, n_vars, seq_len]; with `with_input`: and the input, [n_items, n_vars, seq_len])
     "Relevance of each time step of the input for each item, by `method`, through the Learner's batch transforms"
     info = target_info(self)
     c = check_relevance_args(self.model, method, layer, head, target, info, getattr(self.dls, 'c', None))['target']
@@ -501,7 +519,7 @@ def relevance(self:Learner,
     for b in dl:
         xb = b[0] if isinstance(b, (tuple, list)) else b
         rels.append(model_relevance(self.model, xb, method, layer, head, c, info['task'], part, window=window, stride=stride, bs=bs,
-                                    max_mem=max_mem, progress=progress))
+                                    max_mem=max_mem, progress=progress, per_var=per_var, **kwargs))
         if with_input: xs.append(xb.detach().float().cpu().numpy())
     rel = np.concatenate(rels)
     return (rel, np.concatenate(xs)) if with_input else rel
@@ -509,7 +527,8 @@ def relevance(self:Learner,
 
 # %% ../nbs/20_relevance.ipynb #2e1e0a33
 UNITS = dict(attention='received', value_norm='Σᵢ|αᵢⱼ|·‖f(xⱼ)‖', grad_attention='(A ⊙ ∂y/∂A)⁺',
-             rollout='mean over queries', occlusion='Δ probability')  # what each method's numbers are
+             rollout='mean over queries', occlusion='Δ probability', integrated_gradients='∫∇ · x', saliency='|∇|',
+             input_x_gradient='x · ∇', gradient_shap='E[∇] · x', feature_ablation='Δ output')  # what each method's numbers are
 
 def plot_relevance(x, # [c_in, L] or [L]: the input as the model saw it
                    rel, # [L] (one method), [n_methods, L], or a dict {method: [L]}
