@@ -175,7 +175,7 @@ def test_learner_every_method(learner, bm_data, method):
 
 def test_learner_errors(learner):
     with pytest.raises(IndexError, match=r'idx=40 is out of range: the validation set has 40 items \(0..39\)'): learner.relevance(idx=40)
-    with pytest.raises(ValueError, match='use one of'): learner.relevance(method='saliency')
+    with pytest.raises(ValueError, match='use one of'): learner.relevance(method='shap')
     with pytest.raises(ValueError, match='has 5 variables'): learner.relevance(X=np.zeros((2, 5, 100)))
     with pytest.raises(ValueError, match='seq_len 90'): learner.relevance(X=np.zeros((2, 6, 90)))
     with pytest.raises(IndexError, match='head=8 but the layer has 8 heads'): learner.relevance(head=8)

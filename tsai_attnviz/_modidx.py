@@ -188,6 +188,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                               'tsai_attnviz/attributions.py'),
                                            'tsai_attnviz.attributions._Explained.forward': ( 'attributions.html#_explained.forward',
                                                                                              'tsai_attnviz/attributions.py'),
+                                           'tsai_attnviz.attributions._seeded': ( 'attributions.html#_seeded',
+                                                                                  'tsai_attnviz/attributions.py'),
                                            'tsai_attnviz.attributions._targets': ( 'attributions.html#_targets',
                                                                                    'tsai_attnviz/attributions.py'),
                                            'tsai_attnviz.attributions.captum_class': ( 'attributions.html#captum_class',

@@ -50,7 +50,18 @@ def _targets(model, x, task:str, target, bs:int)->torch.Tensor|None: # [n] class
     with torch.no_grad():
         return torch.cat([_Explained(model, False)(x[i:i + bs]).argmax(-1) for i in range(0, len(x), bs)])
 
-# %% ../nbs/21_attributions.ipynb #f78d185c
+# %% ../nbs/21_attributions.ipynb #9a44e855
+from contextlib import contextmanager
+
+@contextmanager
+def _seeded(seed:int, device):
+    "Torch's and numpy's global random streams (Captum's GradientShap draws from both) seeded inside, restored after"
+    state = np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == 'cuda' else []):
+        torch.manual_seed(seed); np.random.seed(seed)
+        try: yield
+        finally: np.random.set_state(state)
+
 def captum_relevance(model:nn.Module, # any model: [n, c_in, seq_len] -> logits or outputs
                      x, # [n, c_in, seq_len], the input as the model takes it (after the batch transforms)
                      method:str='integrated_gradients', # one of `CAPTUM_METHODS`
@@ -58,6 +69,7 @@ def captum_relevance(model:nn.Module, # any model: [n, c_in, seq_len] -> logits 
                      task:str='classification', # 'classification', 'multilabel' or 'regression'
                      per_var:bool=False, # keep the variables: [n, c_in, seq_len] instead of their sum
                      bs:int=16, # inputs per forward in Captum's batched evaluations (bounds memory)
+                     seed:int=0, # gradient_shap's random points: the same for every item, whatever its batch
                      **kwargs, # passed on to the Captum method's `attribute` (e.g. n_steps, baselines, feature_mask)
                     )->np.ndarray: # [n, seq_len] (per_var: [n, c_in, seq_len]), float32
     "Captum's `method` attribution of each item's prediction to each time step (summed over variables), `bs` inputs per forward"
@@ -74,15 +86,17 @@ def captum_relevance(model:nn.Module, # any model: [n, c_in, seq_len] -> logits 
         if method == 'gradient_shap' and 'baselines' not in kw: kw['baselines'] = torch.zeros_like(x[:1])  # Captum requires one
         n_per = dict(integrated_gradients=kw.get('n_steps', 50), gradient_shap=kw.get('n_samples', 5)).get(method, 1)
         out = []
-        # items one batch at a time; within an item's batch, Captum's own batching keeps `bs` inputs per forward
-        step = max(1, bs // n_per)
+        # items one batch at a time; within an item's batch, Captum's own batching keeps `bs` inputs per forward.
+        # gradient_shap draws its noisy points at random: one item at a time from `seed`, so an item's values do not depend
+        # on the batch it came in, and the caller's random streams are left as they were
+        step = 1 if method == 'gradient_shap' else max(1, bs // n_per)
         for i in range(0, len(x), step):
             xb, tb = x[i:i + step], (None if t is None else t[i:i + step])
             kb = dict(kw)
             key = CAPTUM_METHODS[method][1]
             if key == 'internal_batch_size': kb.setdefault(key, max(bs, len(xb)))
             elif key == 'perturbations_per_eval': kb.setdefault(key, max(1, bs // len(xb)))
-            a = cls(f).attribute(xb, target=tb, **kb)                                  # [step, c_in, seq_len]
+            with _seeded(seed, x.device): a = cls(f).attribute(xb, target=tb, **kb)   # [step, c_in, seq_len]
             out.append(a.detach().float().cpu())
         a = torch.cat(out)
         return (a if per_var else a.sum(1)).numpy()
