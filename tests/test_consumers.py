@@ -72,10 +72,10 @@ def test_two_recorders_in_the_other_order_and_aggregating(learn):
 
 # -- a recorder and relevance ----------------------------------------------------------------------------------------------
 class RelevanceEachBatch(Callback):
-    "Computes relevance of every batch inside the recorder's pass, while the recorder is attached to the layers"
-    order = 70
+    "Computes relevance of every batch inside the recorder's pass, before the recorder stores the batch's maps (after_pred, order 50 < 60)"
+    order = 50
     def __init__(self, method): self.method, self.rel = method, []
-    def after_batch(self):
+    def after_pred(self):
         self.rel.append(model_relevance(self.learn.model, self.xb[0], self.method))
 
 @pytest.mark.parametrize('method', ['attention', 'rollout'])
@@ -166,3 +166,17 @@ def test_cancel_fit_with_two_recorders(learn):
     learn.model.load_state_dict(state)
     assert_clean(learn)
     assert len(records(a)) == len(attention_layers(learn.model)) * 16 and len(records(b)) == len(attention_layers(learn.model))
+
+def test_overlapping_attachments_restore_only_when_the_last_leaves():
+    "The first attachment (which swapped the layer) leaves before the second: the layer stays a twin until the second leaves"
+    torch.manual_seed(0)
+    m, x = ConvTranPlus(3, 2, 12).eval(), torch.randn(2, 3, 12)
+    layer = m.backbone.attention_layer
+    stock_cls, a, b = type(layer), AttnStatsHook(), AttnStatsHook()
+    first, second = attached(m, a), attached(m, b)
+    first.detach()
+    assert type(layer).__name__.endswith('_With_Weights') and layer.publishing
+    with torch.no_grad(): m(x)
+    assert (len(a.stats), len(b.stats)) == (0, 8)
+    second.detach()
+    assert type(layer) is stock_cls and not any(k in layer.__dict__ for k in ('_subs', '_only', '_call', '_attn_stock', 'keep_weights'))
