@@ -6,6 +6,7 @@ import pytest, torch
 from tsai.basics import TSClassifier, TSClassification, TSStandardize, accuracy, set_seed
 from tsai.models.ConvTranPlus import ConvTranPlus
 from tsai_attnviz.cli import load_dataset
+from tsai_attnviz.stream import AttnConsumer, attached
 
 warnings.filterwarnings('ignore', category=UserWarning, module='torch')
 
@@ -55,12 +56,23 @@ def stock_effective_attention(model, x, part='effective'):
 
 def device_of(model): return next(model.parameters()).device
 
+class Calls(AttnConsumer):
+    "A consumer for tests: `fn(layer, softmax, bias, logits, start, q0)` on each chunk (`start`: its first batch row); wants `want` (None: every row)"
+    def __init__(self, fn, want=None): self.fn, self.want = fn, want
+    def wanted(self, layer, bs): return list(range(bs)) if self.want is None else list(self.want)
+    def receive(self, c): self.fn(c.layer, c.softmax, c.bias, c.logits, c.positions[0], c.q0)
+
+def listen(model, fn, want=None, layers=None):
+    "Attach `Calls(fn, want)` to the attention layers of `model` (all, or `layers`): the `Attachment`, to `detach()`"
+    return attached(model, Calls(fn, want), layers=layers)
+
 def no_leftovers(model):
-    "The model's attention layers are stock tsai classes, with no receiver and no hook"
+    "The model's attention layers are stock tsai classes, with no consumer and no hook"
     from tsai_attnviz.arch import attention_layers
+    from tsai_attnviz.stream import _STREAM_STATE
     for _, m in attention_layers(model):
         assert not type(m).__name__.endswith('_With_Weights'), type(m)
-        assert m.__dict__.get('receiver') is None
+        assert not any(k in m.__dict__ for k in _STREAM_STATE + ('receiver',)), m.__dict__.keys()
         assert not m._forward_hooks and not m._forward_pre_hooks
 
 def weighted_sum(out):

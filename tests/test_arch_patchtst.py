@@ -5,7 +5,7 @@ import numpy as np, pytest, torch, torch.nn.functional as F
 from tsai.models.PatchTST import PatchTST, _ScaledDotProductAttention, _MultiheadAttention
 from tsai_attnviz.arch import swap_attention, unswap_attention, attention_layers, adapter_for, probe_spans, tokens_of
 from tsai_attnviz.arch.patchtst import PATCHTST, patch_spans, forecast_data
-from conftest import no_leftovers
+from conftest import no_leftovers, listen
 
 def tiny(seed=0, **kw):
     "A stock PatchTST small enough for a loaded CPU"
@@ -26,10 +26,10 @@ def test_outputs_and_grads_bitwise(cfg, mode):
     stock = tiny(attn_dropout=0.3, dropout=0.2, **cfg)
     x = torch.randn(4, cfg.get('c_in', 3), cfg.get('seq_len', 24))
     got = []
-    def receiver(layer, attn, bias, logits, start): got.append(attn.detach().clone())
+    def receiver(layer, attn, bias, logits, start, q0): got.append(attn.detach().clone())
     for keep, recv in [(True, None), (False, None), (False, receiver), (True, receiver)]:
         twin = swap_attention(copy.deepcopy(stock), keep_weights=keep)
-        for m in sdps(twin): m.receiver = recv
+        att = listen(twin, recv) if recv is not None else None
         res = []
         for m in (copy.deepcopy(stock), twin):
             m.train(mode == 'train'); torch.manual_seed(7)
@@ -40,7 +40,8 @@ def test_outputs_and_grads_bitwise(cfg, mode):
         assert g0.keys() == g1.keys() and len(g0) > 10
         for n in g0: assert torch.equal(g0[n], g1[n]), n
         assert all((m.attn_weights is not None) == keep for m in sdps(twin))
-    assert len(got) == 2 * len(sdps(stock))  # the receiver saw each layer's forward, in both runs that had it
+        if att is not None: att.detach()
+    assert len(got) == 2 * len(sdps(stock))  # the consumer saw each layer's forward, in both runs that had it
 
 # -- the maps: tsai's own store_attn, and a hand computation --------------------------------------------------------------
 @pytest.mark.parametrize('decomposition', [False, True])
@@ -83,13 +84,13 @@ def hand_maps(stock, x):
 
 @pytest.mark.parametrize('cfg', [dict(), dict(res_attention=False), dict(n_heads=4, d_model=16)])
 def test_received_maps_by_hand(cfg):
-    "In eval: the receiver gets the softmax and the scaled scores (plus the previous layer's, with residual attention)"
+    "In eval: a consumer gets the softmax and the scaled scores (plus the previous layer's, with residual attention)"
     stock = tiny(**cfg)
     x = torch.randn(2, 3, 24)
     expected = hand_maps(stock, x)
     twin = swap_attention(copy.deepcopy(stock))
     got = []
-    for m in sdps(twin): m.receiver = lambda layer, sm, bias, logits, start: got.append((sm.clone(), logits.clone(), start))
+    listen(twin, lambda layer, sm, bias, logits, start, q0: got.append((sm.clone(), logits.clone(), start)))
     with torch.no_grad(): twin.eval()(x)
     assert len(got) == len(expected) == 2
     H = cfg.get('n_heads', 2)

@@ -7,6 +7,8 @@ from tsai.models.TSPerceiver import TSPerceiver, Attention, ScaledDotProductAtte
 from tsai_attnviz.arch import swap_attention, unswap_attention, attention_layers, adapter_for, tokens_of, probe_spans
 from tsai_attnviz.arch.perceiver import TSPerceiverAttention_With_Weights, TSPERCEIVER
 from conftest import make_learner, no_leftovers, weighted_sum
+from tsai_attnviz.stream import AttnConsumer, attached
+from contextlib import nullcontext
 
 
 def perceiver(seed=0, **kw):
@@ -22,9 +24,9 @@ def tab_input(bs=3, seed=3):
     return torch.randn(bs, 3, 20, generator=g), (torch.stack([torch.randint(0, 3, (bs,), generator=g), torch.randint(0, 5, (bs,), generator=g)], 1),
                                                  torch.randn(bs, 1, generator=g))
 
-class Recv:
+class Recv(AttnConsumer):
     def __init__(self): self.got = []
-    def __call__(self, layer, sm, bias, logits, start, q0=None): self.got.append((layer, start, q0, sm.clone(), logits.clone(), bias))
+    def receive(self, c): self.got.append((c.layer, c.positions[0], c.q0, c.softmax.clone(), c.logits.clone(), c.bias))
 
 def layers_of(m): return [l for _, l in attention_layers(m)]
 
@@ -44,13 +46,14 @@ def check_bitwise(stock, swapped, x):
     for train in (False, True):
         stock.train(train); swapped.train(train)
         for keep, recv in [(True, None), (False, None), (False, Recv()), (True, Recv())]:
-            for l in layers_of(swapped): l.keep_weights, l.receiver = keep, recv
-            with torch.no_grad():
-                torch.manual_seed(1); o1 = stock(x)
-                torch.manual_seed(1); o2 = swapped(x)
-            assert torch.equal(o1, o2), (train, keep)
-            torch.manual_seed(2); o1 = stock(x)
-            torch.manual_seed(2); o2 = swapped(x)
+            for l in layers_of(swapped): l.keep_weights = keep
+            with attached(swapped, recv) if recv is not None else nullcontext():
+                with torch.no_grad():
+                    torch.manual_seed(1); o1 = stock(x)
+                    torch.manual_seed(1); o2 = swapped(x)
+                assert torch.equal(o1, o2), (train, keep)
+                torch.manual_seed(2); o1 = stock(x)
+                torch.manual_seed(2); o2 = swapped(x)
             assert torch.equal(o1, o2), (train, keep)
             weighted_sum(o1).backward()
             weighted_sum(o2).backward()
@@ -85,19 +88,18 @@ def test_res_attention_layer_bitwise():
 
 # -- maps: every call's, exactly as stock computes them -------------------------------------------------------------------
 def test_maps_per_call_with_shared_weights():
-    "With share_weights blocks 1, 2, 3 are one module: the receiver gets one map per call, equal to stock's"
+    "With share_weights blocks 1, 2, 3 are one module: a consumer gets one map per call, equal to stock's"
     stock, swapped = perceiver(), swap_attention(perceiver(), keep_weights=False).eval()
     x = torch.randn(3, 3, 20)
     names = {id(l): n for n, l in attention_layers(swapped)}
     r = Recv()
-    for l in layers_of(swapped): l.receiver = r
-    with torch.no_grad(): swapped(x)
+    with attached(swapped, r), torch.no_grad(): swapped(x)
     ref = stock_maps(stock, x)
     assert [names[id(l)] for l, *_ in r.got] == [n for n, _ in ref] == \
            ['attn.0.0.attn', 'attn.0.1.layers.0.1'] + ['attn.1.0.attn', 'attn.1.1.layers.0.1'] * 3
     assert [tuple(sm.shape) for *_, sm, _, _ in r.got[:2]] == [(3, 2, 6, 20), (3, 4, 6, 6)]  # non-square cross-attention
     for (l, start, q0, sm, logits, bias), (_, w) in zip(r.got, ref):
-        assert start == 0 and q0 is None and bias is None
+        assert start == 0 and q0 == 0 and bias is None
         assert torch.equal(sm, w)
         assert torch.equal(torch.softmax(logits, -1), sm)
     assert all(l.attn_weights is None for l in layers_of(swapped))
@@ -137,10 +139,8 @@ def test_adapter_facts():
 def test_pickle_and_unswap():
     m = swap_attention(perceiver()).eval()
     with torch.no_grad(): m(torch.randn(2, 3, 20))
-    m.attn[0][0].attn.receiver = Recv()
-    c = pickle.loads(pickle.dumps(m))
-    assert all(l.attn_weights is None and l.receiver is None for l in layers_of(c))
-    m.attn[0][0].attn.receiver = None
+    with attached(m, Recv(), layers=[m.attn[0][0].attn]): c = pickle.loads(pickle.dumps(m))
+    assert all(l.attn_weights is None and not l.publishing for l in layers_of(c))
     unswap_attention(m)
     no_leftovers(m)
     assert b'tsai_attnviz' not in pickle.dumps(m)

@@ -7,7 +7,7 @@ from tsai.models.RNNAttention import RNNAttention, LSTMAttention, GRUAttention, 
 from tsai.models.RNNAttentionPlus import RNNAttentionPlus, LSTMAttentionPlus, GRUAttentionPlus, _MultiHeadAttention as MHAPlus
 from tsai_attnviz.all import *
 from tsai_attnviz.arch import swap_attention, attention_layers, adapter_for, tokens_of
-from conftest import make_learner, no_leftovers, seeded_run, hooked_attention
+from conftest import make_learner, no_leftovers, seeded_run, hooked_attention, listen
 
 ARCHS = [RNNAttention, LSTMAttention, GRUAttention, RNNAttentionPlus, LSTMAttentionPlus, GRUAttentionPlus]
 
@@ -37,7 +37,7 @@ def test_outputs_and_gradients_bitwise(arch, bidirectional):
         assert list(swapped.state_dict()) == list(stock.state_dict())
         got = []
         if receiver:
-            for _, lay in attention_layers(swapped): lay.receiver = lambda l, sm, bias, logits, start: got.append(sm.clone())
+            listen(swapped, lambda l, sm, bias, logits, start, q0: got.append(sm.clone()))
         for train in (False, True): assert torch.equal(run(stock, x, train), run(swapped, x, train))
         for (n, a), b in zip(stock.named_parameters(), swapped.parameters()): assert torch.equal(a.grad, b.grad), n
         assert all((lay.attn_weights is not None) == keep for _, lay in attention_layers(swapped))
@@ -49,7 +49,7 @@ def test_maps_equal_what_the_stock_layer_returns(arch, train):
     stock = make(arch)
     swapped = swap_attention(copy.deepcopy(stock))
     got = []
-    for _, lay in attention_layers(swapped): lay.receiver = lambda l, sm, bias, logits, start: got.append((sm.clone(), logits.clone()))
+    listen(swapped, lambda l, sm, bias, logits, start, q0: got.append((sm.clone(), logits.clone())))
     x = torch.randn(4, 3, 12)
     ref = stock_maps(stock, x, train)
     run(swapped, x, train)

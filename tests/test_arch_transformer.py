@@ -8,6 +8,8 @@ from tsai.models.TransformerRNNPlus import TransformerRNNPlus, TransformerLSTMPl
 from tsai_attnviz.arch import swap_attention, unswap_attention, attention_layers, adapter_for, tokens_of, probe_spans
 from tsai_attnviz.arch.transformer import TransformerEncoderLayer_With_Weights, TRANSFORMER
 from conftest import make_learner, no_leftovers, weighted_sum
+from tsai_attnviz.stream import AttnConsumer, attached
+from contextlib import nullcontext
 
 
 def tsai_model(seed=0, **kw):
@@ -20,11 +22,11 @@ def encoder(seed=0, batch_first=True, norm_first=False, n_layers=2, nested=False
     layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=dropout, batch_first=batch_first, norm_first=norm_first)
     return nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=nested)
 
-class Recv:
-    "A receiver that wants some samples and copies what it gets"
+class Recv(AttnConsumer):
+    "A consumer that wants some samples and copies what it gets"
     def __init__(self, want=None): self.want, self.got = want, []
     def wanted(self, layer, bs): return list(range(bs)) if self.want is None else self.want
-    def __call__(self, layer, sm, bias, logits, start, q0=None): self.got.append((layer, start, q0, sm.clone(), logits.clone()))
+    def receive(self, c): self.got.append((c.layer, c.positions[0], c.q0, c.softmax.clone(), c.logits.clone()))
 
 def layers_of(m): return [l for _, l in attention_layers(m)]
 
@@ -48,13 +50,14 @@ def check_bitwise(stock, swapped, x, call=lambda m, x: m(x)):
     for train in (False, True):
         stock.train(train); swapped.train(train)
         for keep, recv in [(True, None), (False, None), (False, Recv()), (True, Recv([1]))]:
-            for l in layers_of(swapped): l.keep_weights, l.receiver = keep, recv
-            with torch.no_grad():
-                torch.manual_seed(1); o1 = call(stock, x)
-                torch.manual_seed(1); o2 = call(swapped, x)
-            assert torch.equal(o1, o2), (train, keep, recv)
-            torch.manual_seed(2); o1 = call(stock, x)
-            torch.manual_seed(2); o2 = call(swapped, x)
+            for l in layers_of(swapped): l.keep_weights = keep
+            with attached(swapped, recv) if recv is not None else nullcontext():
+                with torch.no_grad():
+                    torch.manual_seed(1); o1 = call(stock, x)
+                    torch.manual_seed(1); o2 = call(swapped, x)
+                assert torch.equal(o1, o2), (train, keep, recv)
+                torch.manual_seed(2); o1 = call(stock, x)
+                torch.manual_seed(2); o2 = call(swapped, x)
             assert torch.equal(o1, o2), (train, keep, recv)
             weighted_sum(o1).backward()
             weighted_sum(o2).backward()
@@ -83,7 +86,7 @@ def test_batch_first_fused_path_bitwise(norm_first, monkeypatch):
         with torch.no_grad(): m(x)
         assert len(calls) == 2, type(m.layers[0])  # one fused call per layer: MultiheadAttention.forward never ran
     l = swapped.layers[0]
-    l.keep_weights, l.receiver = True, None
+    l.keep_weights = True
     calls.clear()
     with torch.no_grad(): swapped(x)
     assert len(calls) == 2 and l.attn_weights.shape == (3, 4, 11, 11)
@@ -145,13 +148,12 @@ def test_nested_fast_path(monkeypatch):
         assert (w[p, :, n:] == 0).all() and (w[p, :, :, n:] == 0).all()
 
 
-# -- the receiver -------------------------------------------------------------------------------------------------------
+# -- a consumer ---------------------------------------------------------------------------------------------------------
 def test_receiver_gets_wanted_samples_only():
     stock, swapped = tsai_model(), swap_attention(tsai_model(), keep_weights=False).eval()
     x = torch.randn(5, 3, 20)
     r = Recv([1, 3])
-    for l in layers_of(swapped): l.receiver = r
-    with torch.no_grad(): swapped(x)
+    with attached(swapped, r), torch.no_grad(): swapped(x)
     l0, l1 = layers_of(swapped)
     assert [(l is l0, s, q0, tuple(sm.shape)) for l, s, q0, sm, _ in r.got] == \
            [(True, 1, 0, (1, 2, 20, 20)), (True, 3, 0, (1, 2, 20, 20)), (False, 1, 0, (1, 2, 20, 20)), (False, 3, 0, (1, 2, 20, 20))]
@@ -159,18 +161,16 @@ def test_receiver_gets_wanted_samples_only():
     ref = mha_maps(stock, x, 0)
     torch.testing.assert_close(r.got[1][3][0], ref[3], rtol=0, atol=1e-6)
     torch.testing.assert_close(r.got[1][4].softmax(-1), r.got[1][3], rtol=0, atol=1e-7)
-    l0.receiver = Recv([])  # wants nothing: nothing computed
-    with torch.no_grad(): swapped(x)
-    assert l0.receiver.got == []
+    r0 = Recv([])  # wants nothing: nothing computed
+    with attached(swapped, r0, layers=[l0]), torch.no_grad(): swapped(x)
+    assert r0.got == []
 
 def test_pickle_and_unswap():
     m = swap_attention(tsai_model()).eval()
     with torch.no_grad(): m(torch.randn(2, 3, 10))
     l = m.transformer_encoder.layers[0]
-    l.receiver = Recv()
-    c = pickle.loads(pickle.dumps(m))
-    assert c.transformer_encoder.layers[0].attn_weights is None and c.transformer_encoder.layers[0].receiver is None
-    l.receiver = None
+    with attached(m, Recv(), layers=[l]): c = pickle.loads(pickle.dumps(m))
+    assert c.transformer_encoder.layers[0].attn_weights is None and not c.transformer_encoder.layers[0].publishing
     unswap_attention(m)
     no_leftovers(m)
     assert b'tsai_attnviz' not in pickle.dumps(m)

@@ -7,7 +7,7 @@ from tsai.models.TST import TST, _MultiHeadAttention
 from tsai_attnviz.all import *
 from tsai_attnviz.arch import swap_attention, attention_layers, adapter_for, tokens_of
 from tsai_attnviz.arch.tst import tst_spans
-from conftest import make_learner, no_leftovers, seeded_run, hooked_attention
+from conftest import make_learner, no_leftovers, seeded_run, hooked_attention, listen
 
 # 16 channels, 3 heads of d_k=4 and d_v=7: d_k·n_heads ≠ d_model, which tsai allows
 CONFIGS = {'linear': {}, 'max_seq_len': dict(max_seq_len=5), 'conv kwargs': dict(kernel_size=3, stride=2, padding=1)}
@@ -29,7 +29,7 @@ def test_outputs_and_gradients_bitwise(cfg, keep, receiver):
     assert list(swapped.state_dict()) == list(stock.state_dict())
     got = []
     if receiver:
-        for _, lay in attention_layers(swapped): lay.receiver = lambda l, sm, bias, logits, start: got.append(sm.clone())
+        listen(swapped, lambda l, sm, bias, logits, start, q0: got.append(sm.clone()))
     x = torch.randn(4, 3, 12)
     for train in (False, True):
         assert torch.equal(run(stock, x, train), run(swapped, x, train))
@@ -42,7 +42,7 @@ def test_maps_equal_what_the_stock_layer_returns(train):
     stock = make()
     swapped = swap_attention(copy.deepcopy(stock))
     got = []
-    for _, lay in attention_layers(swapped): lay.receiver = lambda l, sm, bias, logits, start: got.append((sm.clone(), logits.clone()))
+    listen(swapped, lambda l, sm, bias, logits, start, q0: got.append((sm.clone(), logits.clone())))
     x = torch.randn(4, 3, 12)
     ref = stock_maps(stock, x, train)
     run(swapped, x, train)

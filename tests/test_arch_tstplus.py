@@ -13,7 +13,7 @@ from tsai.models.TSiTPlus import TSiTPlus
 from tsai_attnviz.all import *
 from tsai_attnviz.arch import tokens_of
 from tsai_attnviz.arch.tstplus import TSTPLUS, MultiheadAttention_With_Weights
-from conftest import no_leftovers
+from conftest import no_leftovers, listen
 
 warnings.filterwarnings('ignore', category=UserWarning)
 
@@ -49,7 +49,7 @@ def test_outputs_and_gradients_bitwise(arch, keep, receive):
     assert layers and all(type(m) is MultiheadAttention_With_Weights for m in layers)
     got = []
     if receive:
-        for m in layers: m.receiver = lambda layer, attn, bias, logits, start: got.append((layer, attn.detach().clone(), bias, start))
+        listen(twin, lambda layer, attn, bias, logits, start, q0: got.append((layer, attn.detach().clone(), bias, start)))
     x = torch.randn(4, 3, 40)
     for train in (False, True):
         stock.train(train); twin.train(train)
@@ -109,23 +109,23 @@ def test_res_attention_by_hand():
     assert (mine[1] - own[1]).abs().max() > 1e-3  # the second map is not the softmax of its own scores alone
 
 def test_scores_passed_on_are_never_written():
-    "res_attention: layer 0's scores are layer 1's prev; a receiver and the twin leave them as they were"
+    "res_attention: layer 0's scores are layer 1's prev; a consumer and the twin leave them as they were"
     twin = swap_attention(tst()).train()
     l0, l1 = [m for _, m in attention_layers(twin)]
     seen = {}
     l0.register_forward_hook(lambda m, a, out: seen.update(ret=out[2], copy=out[2].detach().clone()))
     l1.register_forward_pre_hook(lambda m, a: seen.update(prev=a[3]))
-    l0.receiver = l1.receiver = lambda *a: None
+    listen(twin, lambda *a: None)
     twin(torch.randn(3, 3, 40)).sum().backward()
     assert seen['prev'] is seen['ret'] and torch.equal(seen['ret'], seen['copy'])
 
 def test_receiver_logits_are_stock_scores():
-    "The receiver's logits are the scores stock returns (res_attention): scaled, plus prev, masked with -inf"
+    "A consumer's logits are the scores stock returns (res_attention): scaled, plus prev, masked with -inf"
     stock = tst(attn_dropout=0., attn_mask=torch.triu(torch.ones(16, 16, dtype=torch.bool), 1)).eval()
     twin = swap_attention(deepcopy(stock), keep_weights=False)
     ref, got = [], []
     for _, m in attention_layers(stock): m.register_forward_hook(lambda m, a, out: ref.append(out[2]))
-    for _, m in attention_layers(twin): m.receiver = lambda layer, attn, bias, logits, start: got.append(logits.clone())
+    listen(twin, lambda layer, attn, bias, logits, start, q0: got.append(logits.clone()))
     x = torch.randn(2, 3, 40)
     with torch.no_grad(): stock(x), twin(x)
     assert len(got) == len(ref) == 2
@@ -165,7 +165,7 @@ def test_tsit_lsa_and_ignored_attn_dropout():
             assert (m.attn_weights + torch.eye(11) > 0).all()
     twin.eval()
     got = []
-    for _, m in attention_layers(twin): m.receiver = lambda layer, attn, bias, logits, start: got.append(logits.clone())
+    listen(twin, lambda layer, attn, bias, logits, start, q0: got.append(logits.clone()))
     with torch.no_grad(): twin(x)
     assert all(g.diagonal(dim1=-2, dim2=-1).eq(-np.inf).all() and torch.isfinite(g.masked_fill(torch.eye(11, dtype=torch.bool), 0)).all() for g in got)
 

@@ -49,8 +49,8 @@ def test_remove_cb_detaches_and_export_is_stock(learn):
     learn.add_cb(rec)
     learn.get_preds()
     assert type(learn.model.backbone.attention_layer).__name__.endswith('_With_Weights')
-    learn.remove_cb(rec)  # ...until it is removed: no receiver stays behind
-    assert learn.model.backbone.attention_layer.__dict__.get('receiver') is None
+    learn.remove_cb(rec)  # ...until it is removed: no consumer stays behind
+    assert learn.model.backbone.attention_layer.__dict__.get('_subs') is None
     n = len(rec.recording)
     learn.get_preds()
     assert len(rec.recording) == n

@@ -226,10 +226,10 @@ def test_errors_during_fit_leave_nothing_behind(bm_data):
         with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=[AttnRecorder(every_epoch=True, probe=[99])])
     no_leftovers(learn.model)
 
-def test_restore_false_keeps_the_swap_without_receiver(learn):
+def test_restore_false_keeps_the_swap_without_consumer(learn):
     learn.get_preds(cbs=[AttnRecorder(restore=False)])
     layer = learn.model.backbone.attention_layer
-    assert type(layer).__name__ == 'Attention_Rel_Scl_With_Weights' and layer.receiver is None and not layer.keep_weights
+    assert type(layer).__name__ == 'Attention_Rel_Scl_With_Weights' and not layer.publishing and not layer.keep_weights
     unswap_attention(learn.model)
 
 def test_show_attention_on_new_data_keeps_the_attached_recording(learn, bm_data):

@@ -197,7 +197,7 @@ def test_model_with_twins_keeps_them(bm_data):
     a = m.backbone.attention_layer
     cls, kw = type(a), a.keep_weights
     r = model_relevance(m, torch.randn(2, 6, 100), 'value_norm')
-    assert r.shape == (2, 100) and type(a) is cls and a.keep_weights == kw and a.receiver is None
+    assert r.shape == (2, 100) and type(a) is cls and a.keep_weights == kw and not a.publishing
 
 def test_plot_relevance(learner):
     rels, x = {}, None

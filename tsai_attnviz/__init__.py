@@ -15,7 +15,7 @@ Modules:
 - `tsai_attnviz.data`: Inputs checked as the model takes them, and targets and predictions decoded as tsai decodes them.
 - `tsai_attnviz.export`: What `learn.export()` writes when this package has touched the Learner: nothing of tsai_attnviz.
 - `tsai_attnviz.faithfulness`: How far a relevance ranking can be trusted: ROAD with noisy linear imputation, and scores against a planted ground truth.
-- `tsai_attnviz.layers`: The common ground of the `*_With_Weights` twins of every family (`tsai_attnviz.arch`): a receiver, kept weights, a pickle that never grows; input checks; per-head statistics and hooks.
+- `tsai_attnviz.layers`: The common ground of the `*_With_Weights` twins of every family (`tsai_attnviz.arch`): publishing to the attached consumers, kept weights, a pickle that never grows; input checks; per-head statistics and hooks.
 - `tsai_attnviz.learner`: `Learner.show_attention()`: attention maps of a tsai Learner, from what an `AttnRecorder` holds or recorded on the spot.
 - `tsai_attnviz.mean_maps`: Mean maps per class or target bin over a pass: what `AttnRecorder(aggregate=...)` keeps.
 - `tsai_attnviz.planted`: A synthetic classification set whose relevant time steps are known: each item's class is set by a motif planted at a random window.
@@ -25,6 +25,7 @@ Modules:
 - `tsai_attnviz.recording`: `AttnRecording`: recorded maps with the inputs, targets, predictions and indices that go with them, and its file format.
 - `tsai_attnviz.reduce`: Block means, the attention each key receives and each query's entropy: what keeps long maps small.
 - `tsai_attnviz.relevance`: Which time steps of the input matter to the prediction: five relevance methods, mapped back to time steps, and a plot.
+- `tsai_attnviz.stream`: Every attention layer publishes what it computes as an `AttnChunk` to every consumer attached to it; `attached` is the one door that swaps twins in, subscribes consumers and restores the model.
 - `tsai_attnviz.trackers`: Where fastai users watch training: `AttnRecorder(every_epoch=True)` logs the probe's head grid and per-head statistics each epoch to TensorBoard or Weights & Biases."""
 
 __version__ = "0.1.0"

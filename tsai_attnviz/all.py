@@ -9,6 +9,7 @@ methods (`show_attention`, `record_attention`, `show_attention_evolution`)."""
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #1f74a7ef
+from .stream import *
 from .layers import *
 from .arch import *
 from .reduce import *
@@ -23,8 +24,8 @@ from .recording import PARTS  # the parts of a map (relevance has its own, narro
 from .mean_maps import *
 from .probe import *
 import importlib, pkgutil
-from . import arch as _a, layers as _l, reduce as _red, recording as _rg, recorder as _r, plot as _p, fast as _f, report as _rep, relevance as _rel
-__all__ = _l.__all__ + _a.__all__ + _red.__all__ + _rg.__all__ + _r.__all__ + _p.__all__ + _f.__all__ + _rep.__all__ + [n for n in _rel.__all__ if n != 'PARTS']  # nbdev writes an empty __all__ for a module of imports only
+from . import stream as _s, arch as _a, layers as _l, reduce as _red, recording as _rg, recorder as _r, plot as _p, fast as _f, report as _rep, relevance as _rel
+__all__ = _s.__all__ + _l.__all__ + _a.__all__ + _red.__all__ + _rg.__all__ + _r.__all__ + _p.__all__ + _f.__all__ + _rep.__all__ + [n for n in _rel.__all__ if n != 'PARTS']  # nbdev writes an empty __all__ for a module of imports only
 for _m in pkgutil.iter_modules(_a.__path__):  # every family's classes (twins, adapters), as `from tsai_attnviz.arch.<family> import *`
     _fam = importlib.import_module(f'tsai_attnviz.arch.{_m.name}')
     globals().update({k: getattr(_fam, k) for k in _fam.__all__}); __all__ = __all__ + list(_fam.__all__)

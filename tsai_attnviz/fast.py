@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tsai.models.ConvTranPlus import Attention, Attention_Rel_Scl, Attention_Rel_Vec
-from .layers import _NOT_KEPT, _wanted
+from .layers import _NOT_KEPT
+from .stream import AttnPublisher, _STREAM_STATE
 from .arch import no_attention_error
 from .arch.convtranplus import CONVTRANPLUS, _FAST, _STOCK, _check_heads
 import tsai_attnviz.export  # noqa: F401 (learn.export() holds stock layers)
@@ -68,9 +69,9 @@ def relative_bias_mix(table:torch.Tensor, # [2L-1, H], eRPE's `relative_bias_tab
 # %% ../nbs/08_fast.ipynb #fa570009
 CHUNK = 2**21  # most elements of a chunk of scores [n, H, rows, L] the fused layers build at once (8 MB in float32)
 
-class _Fused:
-    "Mixin for the fused layers: attention without [L, L] maps, and exact maps of the samples a receiver wants, chunk by chunk"
-    receiver,chunk,attn_weights,attn_softmax = None,None,None,None  # chunk: query rows per chunk of scores (None: CHUNK elements)
+class _Fused(AttnPublisher):
+    "Mixin for the fused layers: attention without [L, L] maps, and exact maps of the samples the consumers want, chunk by chunk"
+    chunk,attn_weights,attn_softmax = None,None,None  # chunk: query rows per chunk of scores (None: CHUNK elements)
 
     def _qkv(self, x):
         "Queries, keys and values [bs, H, L, d_head] from the stock projections"
@@ -101,9 +102,9 @@ class _Fused:
     def _bias_rows(self, q0, q1): return None  # [H, q1-q0, L] rows of a bias added after the softmax
 
     def _record(self, q, k):
-        "Hand the receiver the maps of the samples it wants, one sample and one chunk of query rows at a time"
+        "Publish the maps of the samples the consumers want, one sample and one chunk of query rows at a time"
         bs, _, L, _ = q.shape
-        want = _wanted(self.receiver, self, bs)
+        want = self._begin(bs)
         if not want: return
         c = self._rows(1, L)
         with torch.no_grad():
@@ -112,7 +113,7 @@ class _Fused:
                 for q0 in range(0, L, c):
                     q1 = min(q0 + c, L)
                     logits = self._scores(qp, kp, q0, q1)                          # [1, H, c, L]
-                    self.receiver(self, F.softmax(logits, dim=-1), self._bias_rows(q0, q1), logits, p, q0)
+                    self._publish(F.softmax(logits, dim=-1), self._bias_rows(q0, q1), logits, [p], q0, L, masked=False)
 
     def _out(self, out): # [bs, H, L, d_head]
         "Join the heads and normalise, as the stock layers do"
@@ -122,21 +123,21 @@ class _Fused:
     def clear_weights(self): pass  # nothing is kept
 
     def __getstate__(self):
-        "Pickle without receiver"
-        return {k:(None if k in _NOT_KEPT else v) for k,v in self.__dict__.items()}
+        "Pickle without consumers"
+        return {k:(None if k in _NOT_KEPT else v) for k,v in self.__dict__.items() if k not in _STREAM_STATE}
 
 # %% ../nbs/08_fast.ipynb #fa57000a
 class Attention_Fast(_Fused, Attention):
     "tsai's `Attention` by a fused kernel: no [L, L] map"
     def forward(self, x): # [bs, seq_len, d_model]
-        if self.receiver is not None: self._record(*self._qkv(x)[:2])  # maps from q and k exactly as the exact layer's
+        if self.publishing: self._record(*self._qkv(x)[:2])  # maps from q and k exactly as the exact layer's
         q, k, v = self._qkv_padded(x)                                     # [bs, H, L, size]
         return self._out(softmax_mix(q, k, v, self.scale)[..., :self.key.out_features // self.n_heads])
 
 class Attention_Rel_Scl_Fast(_Fused, Attention_Rel_Scl):
     "tsai's eRPE `Attention_Rel_Scl` by a fused kernel and an FFT: neither the [L, L] map nor the [H, L, L] bias is built"
     def forward(self, x): # [bs, seq_len, d_model]
-        if self.receiver is not None: self._record(*self._qkv(x)[:2])
+        if self.publishing: self._record(*self._qkv(x)[:2])
         q, k, v = self._qkv_padded(x)                                     # [bs, H, L, size]
         dh = self.key.out_features // self.n_heads
         # (softmax(q·kᵀ·scale) + bias)·v = softmax(q·kᵀ·scale)·v + bias·v
@@ -163,7 +164,7 @@ class Attention_Rel_Vec_Fast(_Fused, Attention_Rel_Vec):
 
     def forward(self, x): # [bs, seq_len, d_model]
         q, k, v = self._qkv(x)
-        if self.receiver is not None: self._record(q, k)
+        if self.publishing: self._record(q, k)
         bs, _, L, _ = q.shape
         c = self._rows(bs, L)
         grad = torch.is_grad_enabled() and (q.requires_grad or self.Er.requires_grad)
@@ -190,7 +191,7 @@ def fast_attention(model:nn.Module, # any module holding ConvTranPlus attention 
     for _, m in layers:
         fast = _FAST.get(_STOCK.get(type(m), type(m)))
         if fast is not None and type(m) is not fast:
-            for a in ('keep_weights',) + _NOT_KEPT: m.__dict__.pop(a, None)
+            for a in ('keep_weights', 'attn_weights', 'attn_softmax'): m.__dict__.pop(a, None)  # attached consumers stay
             m.__class__ = fast
     return model
 
@@ -202,7 +203,7 @@ def exact_attention(model:nn.Module, # any module holding ConvTranPlus attention
     stock = {v:k for k,v in _FAST.items()}
     for _, m in layers:
         if type(m) in stock:
-            for a in ('chunk',) + _NOT_KEPT: m.__dict__.pop(a, None)
+            for a in ('chunk', 'attn_weights', 'attn_softmax'): m.__dict__.pop(a, None)
             m.__class__ = stock[type(m)]
     return model
 

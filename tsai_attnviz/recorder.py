@@ -14,7 +14,8 @@ import torch
 from fastcore.basics import store_attr, listify, noop
 from fastai.callback.core import Callback, CancelFitException
 from .layers import check_input
-from .arch import swap_attention, unswap_attention, attention_layers, no_attention_error, adapter_for, layer_adapter, tokens_of
+from .stream import AttnConsumer, AttnChunk, attached
+from .arch import attention_layers, no_attention_error, adapter_for, layer_adapter, tokens_of
 from .reduce import block_size, MapReducer
 from .recording import AttnRecording, _to_dtype, _record_bytes, to_host, host_ready
 from .data import target_info, nonfinite_message
@@ -39,10 +40,10 @@ def _lr_finding(learn)->bool:
     "Whether this fit is fastai's `lr_find` (its epochs are not the training the probe follows)"
     return any(type(cb).__name__ == 'LRFinder' for cb in learn.cbs)
 
-class AttnRecorder(MeanMaps, Probe, Callback):
+class AttnRecorder(MeanMaps, Probe, AttnConsumer, Callback):
     "Record selected attention maps of a model's attention layers (any supported family) while a Learner validates or predicts"
     order,run_valid,run_train = 60,True,True  # after the model's output is gathered; train batches only with `train=True`
-    _stateattrs = ('recording', '_names', '_want', '_pending', '_batch_red', '_swapped', '_probe_batch', '_bias', '_prev', '_guarded')
+    _stateattrs = ('recording', '_names', '_want', '_pending', '_batch_red', '_attached', '_probe_batch', '_bias', '_prev', '_guarded')
 
     def __init__(self,
         batches=(0,), # batch numbers of each pass to record; None: every batch
@@ -81,11 +82,11 @@ class AttnRecorder(MeanMaps, Probe, Callback):
     def _init_state(self):
         "Fresh, empty recording state: at creation, and when a pickled Learner is loaded (the state is not pickled)"
         super()._init_state()
-        self.recording,self._swapped,self._names,self._want,self._pending,self._batch_red = AttnRecording(),[],{},[],[],[]
+        self.recording,self._attached,self._names,self._want,self._pending,self._batch_red = AttnRecording(),None,{},[],[],[]
         self._cur,self._forward,self._in_fit,self._probe_batch = dict(batch=0, epoch=0, split='valid'),0,False,None
         self._bias,self._prev,self._guarded,self._idle,self._len,self._said_auto = {},None,None,True,self.max_len,False
         self._on_gpu = None  # the device whose copies to the host `_keep` waits for
-        self._calls,self._nv,self._chunked,self._in_len = {},{},{},None  # calls of each layer in this forward; rows per item; fused layers; input length
+        self._calls,self._nv,self._in_len = {},{},None  # calls of each layer in this forward; rows per item; input length
         if self._len == 'auto': self._len = None
 
     # `remove_cb` (also at the end of `fit(cbs=...)` and `get_preds(cbs=...)`, whatever way they end) sets `learn` to None:
@@ -131,7 +132,7 @@ class AttnRecorder(MeanMaps, Probe, Callback):
         self._guarded = None
 
     def _end_pass(self, error:bool=False):
-        "Take receivers, swapped classes and the guard off; a pass that failed before storing anything keeps the previous recording"
+        "Detach from the layers (which get their stock classes back) and take the guard off; a pass that failed before storing anything keeps the previous recording"
         self._detach()
         self._unguard()
         if error and not getattr(self, '_stored', True) and self._prev is not None: self.recording = self._prev
@@ -175,7 +176,7 @@ class AttnRecorder(MeanMaps, Probe, Callback):
 
     def before_batch(self):
         self._pending,self._batch_red,self._want,self._calls = [],[],[],{}
-        if self._idle or not self._swapped: return
+        if self._idle or self._attached is None: return
         self._cur = dict(batch=self.iter, epoch=getattr(self.learn, 'epoch', 0), split='train' if self.training else 'valid')
         if (self.training and not self.train) or (self.every_epoch and not self.training): return  # probe recorders: the probe only
         self._seen_batches = max(self._seen_batches, self.iter + 1)
@@ -236,7 +237,7 @@ class AttnRecorder(MeanMaps, Probe, Callback):
 
     # -- layers ------------------------------------------------------------------------
     def _attach(self, model, split='valid'):
-        "Check the selection, then swap the selected layers in and give each a receiver"
+        "Check the selection, then attach to the selected layers (`attached`: twins swapped in where needed) until `_detach`"
         adapter = adapter_for(model, 'AttnRecorder')  # an error naming the supported architectures when there is none
         found = attention_layers(model)
         byname = dict(found)
@@ -252,14 +253,11 @@ class AttnRecorder(MeanMaps, Probe, Callback):
                 raise ValueError(f"heads={self.heads} but the model has {n_heads[id(m)]} heads (0..{n_heads[id(m)] - 1}) in layer {n}.")
         self._shape = _model_input(model)
         if split != 'probe': self._check_aggregate(sel)
-        if self._swapped: return  # already swapped in this pass
-        was = {id(m): type(m) for _, m in sel}
-        for _, m in sel: swap_attention(m, keep_weights=False)  # only the selected; swapped here, they keep nothing
-        self._swapped = [(n, m, type(m) is not was[id(m)]) for n, m in sel]
-        for n, m in sel: m.receiver = self._receive
+        if self._attached is not None: return  # already attached in this pass
+        # only the selected layers; those swapped here keep nothing, and get their stock classes back at `_detach` (`restore`)
+        self._attached = attached(model, self, layers=[m for _, m in sel], restore=self.restore, who='AttnRecorder')
         self._names = {id(m): n for n, m in sel}
         self._nv = {id(m): layer_adapter(m).n_vars(model, m) for _, m in sel}  # channel-independent: rows per item
-        self._chunked = {id(m): type(m) in layer_adapter(m).fast.values() for _, m in sel}  # fused: rows of square maps in chunks
         self._agg_layer = id(sel[0][1])  # aggregates follow the first selected layer
         self.recording.meta['agg_layer'] = sel[0][0]
         self._want,self._pending,self._batch_red = [],[],[]
@@ -269,15 +267,13 @@ class AttnRecorder(MeanMaps, Probe, Callback):
         self.recording.meta.setdefault('layer_heads', {}).update({n: self.heads or list(range(n_heads[id(m)])) for n, m in sel})
 
     def _detach(self):
-        "Take the receivers off; give the layers swapped here their stock classes back when `restore`"
-        for _, m, swapped_here in getattr(self, '_swapped', []):
-            m.receiver = None
-            if self.restore and swapped_here: unswap_attention(m)
-        self._swapped,self._want = [],[]
+        "Unsubscribe; the layers swapped in for this recorder get their stock classes back once no other consumer needs them (`restore`)"
+        att, self._attached, self._want = getattr(self, '_attached', None), None, []
+        if att is not None: att.detach()
 
-    # -- receiving ---------------------------------------------------------------------
-    def wanted(self, layer, bs:int)->list: # batch positions whose maps `layer` computes in this forward
-        "Asked by fused layers as each forward begins: the samples to record, or all of them when `layer` feeds the aggregates"
+    # -- receiving (`AttnConsumer`) -----------------------------------------------------
+    def wanted(self, layer, bs:int)->list: # batch rows whose maps `layer` hands over in this call
+        "Asked as each call of a layer begins: the samples to record, or all of them when `layer` feeds the aggregates"
         self._new_forward(layer)
         if self._aggregating(layer): return list(range(bs))
         nv, items = self._nv.get(id(layer), 1), {p for p, _ in self._want}
@@ -294,22 +290,19 @@ class AttnRecorder(MeanMaps, Probe, Callback):
         return (self.aggregate is not None and self._cur['split'] == 'valid' and id(layer) == self._agg_layer
                 and self._calls.get(id(layer), 0) == 0)
 
-    def _receive(self, layer, softmax, bias, logits, start, q0=None):
-        "Reduce what is selected of rows q0.. (all rows without q0) of batch rows start..: softmax, logits [n, H, c, Lk]; bias [H, c, Lk] or None"
-        if q0 is None and start == 0: self._new_forward(layer)  # exact layers ask no `wanted`: their first call starts a forward
+    def receive(self, chunk:AttnChunk):
+        "Reduce what is selected of a chunk: query rows q0.. of the maps of batch rows `chunk.positions` (see `AttnChunk`)"
+        layer, softmax, bias, logits, q0 = chunk.layer, chunk.softmax, chunk.bias, chunk.logits, chunk.q0  # [n, H, c, Lk]; bias [H, c, Lk]
         agg = self._aggregating(layer)
         nv = self._nv.get(id(layer), 1)  # channel-independent models: batch row r is item r // nv, variable r % nv
         items = dict(self._want)
-        want = {p: items[p // nv] for p in range(start, start + len(softmax)) if p // nv in items}
+        want = {p: items[p // nv] for p in chunk.positions if p // nv in items}
         fwd = self._bias.setdefault(id(layer), dict(bias=None, open={}))
         if not (want or agg or fwd['open']): return
-        L = softmax.shape[-1]
-        # a fused layer's chunks are rows of a square map; any other call holds every query row (cross-attention: Lq != Lk)
-        Lq = L if q0 is not None and self._chunked.get(id(layer)) else softmax.shape[-2]
-        q0 = q0 or 0
+        L, Lq = softmax.shape[-1], chunk.n_q  # cross-attention: Lq != Lk
         k = block_size(max(Lq, L), self._len)
         self.recording.meta.update(seq_len=L, block=k)
-        name = self._names.get(id(layer))
+        name = chunk.name
         toks = self.recording.meta.setdefault('tokens', {})
         if name not in toks and self._in_len is not None:  # what queries and keys are, in time steps of the input
             t = tokens_of(self.learn.model, name, layer, self._in_len, Lq, L)
@@ -320,8 +313,7 @@ class AttnRecorder(MeanMaps, Probe, Callback):
             if b is not None:  # the bias is the same for every sample of a forward: reduce it once, as its rows first come
                 if fwd['bias'] is None: fwd['bias'] = MapReducer(L, k, Lq=Lq, full=k == 1)  # kept whole at k=1: the recording keeps it
                 if fwd['bias'].seen == q0: fwd['bias'].add(b, q0)
-            for i in range(len(softmax)):
-                p = start + i
+            for i, p in enumerate(chunk.positions):
                 if q0 == 0:  # a new row of the batch: reduce it when it is recorded (and fits the budget) or aggregated
                     rec = p in want and not self._full and self._fits(self._record_size(softmax.shape[1], Lq, L, k, b is not None))
                     if rec or agg:

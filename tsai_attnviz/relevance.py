@@ -31,6 +31,7 @@ from .arch import (layer_adapter, attention_layers, adapters_for, swap_attention
                                spread_to_steps)
 from .data import check_X, target_info, class_index
 from .plot import _finish
+from .stream import AttnConsumer, attached
 
 # %% auto #0
 __all__ = ['METHODS', 'MODEL_AGNOSTIC', 'PARTS', 'TASKS', 'VALUE_F', 'N_WINDOWS', 'UNITS', 'check_method', 'value_vectors',
@@ -180,19 +181,22 @@ def _prob(out, task, c)->torch.Tensor: # [n] (regression: [n, n_outputs]): what 
 def _drop(base, new, task)->torch.Tensor: # [n]: how much the prediction fell (regression: how far the outputs moved)
     return (base - new).abs().sum(-1) if task == 'regression' else base - new
 
-class _Maps:
-    """Receiver: each call of each attention layer, in call order, reduced as the method needs as its pieces come (rows from
-    `start`; recomputed and fused layers hand chunks of query rows from `q0`): sums over queries add up, maps are joined"""
+class _Maps(AttnConsumer):
+    """Consumer: each call of each attention layer, in call order, reduced as the method needs as its chunks come (batch
+    rows from `positions[0]`; recomputed and fused layers hand chunks of query rows from `q0`): sums over queries add up, maps are joined"""
     def __init__(self, method, part, model):
-        self.method,self.part,self.model,self.calls,self.f = method,part,model,[],{}
-    def __call__(self, layer, attn, bias, logits, start, q0=None):
-        q0 = q0 or 0
-        if start == 0 and q0 == 0:  # a new call (ConvTranPlus predicts row by row: start = the row)
+        self.method,self.part,self.model,self.calls,self.f,self._new = method,part,model,[],{},set()
+    def wanted(self, layer, bs):
+        self._new.add(id(layer))  # a call begins: its first chunk opens a new entry
+        return list(range(bs))
+    def receive(self, chunk):
+        layer, attn, bias, start = chunk.layer, chunk.softmax, chunk.bias, chunk.positions[0]
+        if id(layer) in self._new:
+            self._new.discard(id(layer))
             n = sum(d['layer'] is layer for d in self.calls)
-            self.calls.append(dict(layer=layer, sm=[], rows={}, Lk=attn.shape[-1], Lq=0, exact=attn.requires_grad,
+            self.calls.append(dict(layer=layer, sm=[], rows={}, Lk=attn.shape[-1], Lq=chunk.n_q, exact=attn.requires_grad,
                                    f=self.f[id(layer)][n] if id(layer) in self.f else None))
-        d = self.calls[-1]
-        if start == 0: d['Lq'] += attn.shape[-2]  # rows of every start come in the same chunks
+        d = next(d for d in reversed(self.calls) if d['layer'] is layer)
         if self.method == 'grad_attention': d['sm'].append(attn)
         a = attn.detach()
         if self.part == 'effective' and bias is not None: a = a + bias.detach()          # [r, H, c, Lk]: c query rows from q0
@@ -228,21 +232,17 @@ def _per_item(r, bs)->torch.Tensor: # [rows, L] -> [bs, L]: channel-independent 
     if r.shape[0] % bs: raise ValueError(f"{r.shape[0]} rows of attention for {bs} items: can't tell which row is which item.")
     return r.reshape(bs, -1, r.shape[-1]).mean(1)
 
-_KEPT = ('keep_weights', 'receiver', 'attn_weights', 'attn_softmax')
-
 def _attention_relevance(model, x, method, layer, head, target, task, part)->torch.Tensor: # [bs, L]
     "Relevance from the maps of one forward (and one backward for grad_attention)"
     bs, _, L = x.shape
     grad = method == 'grad_attention'
     maps = _Maps(method, part, model)
-    adapters_for(model, f"relevance(method={method!r})")
-    prior = [(m, type(m), {k: m.__dict__[k] for k in _KEPT if k in m.__dict__}) for _, m in attention_layers(model)]
+    # a forward of its own: exclusive, so that consumers attached around it (recorders) see none of it
+    att = attached(model, maps, keep_weights=False, exclusive=True, who=f"relevance(method={method!r})")
     hooks = []
     try:
-        swap_attention(model, keep_weights=False)
         layers = attention_layers(model)                                                 # the swapped layers
         names = {id(m): n for n, m in layers}
-        for _, m in layers: m.receiver, m.keep_weights = maps, False
         if method == 'value_norm': hooks = [m.register_forward_pre_hook(maps.pre_hook, with_kwargs=True) for _, m in layers]
         with torch.set_grad_enabled(grad):
             xi = x.detach().clone().requires_grad_(grad)  # a graph even when every parameter is frozen
@@ -263,11 +263,7 @@ def _attention_relevance(model, x, method, layer, head, target, task, part)->tor
                 for d in calls: d['g'] = torch.cat([next(gs).detach() for _ in d['sm']]); d['sm'] = None
     finally:
         for h in hooks: h.remove()
-        for m, cls, kept in prior:  # every layer as it was: stock, or a twin with its own receiver and weights
-            if type(m) is not cls: unswap_attention(m)
-            else:
-                for k in _KEPT: m.__dict__.pop(k, None)
-                m.__dict__.update(kept)
+        att.detach()  # every layer as it was: stock, or a twin with its own consumers and kept weights
     if not calls: raise ValueError(f"attention layer {names[id(sel)]} was not called in the forward.")
     def steps(d, v): # [rows, Lk] on the keys of call d -> [bs, L] on the input's time steps
         return _per_item(spread_to_steps(v.float().cpu(), keys(d)[1], L), bs)

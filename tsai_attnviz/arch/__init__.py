@@ -136,6 +136,22 @@ def attention_layers(model:nn.Module)->list: # [(name, module)] in the model's o
     ids = {id(m) for a in ADAPTERS for _, m in a.layers(model)}
     return [(n, m) for n, m in model.named_modules() if id(m) in ids]
 
+def _swap_layer(m:nn.Module, keep_weights:bool=True)->bool: # whether `m` was stock (it is its twin now)
+    "Give one stock attention layer its twin class, in place, keeping nothing yet: the one place a twin class is put in"
+    twin = layer_adapter(m).twins.get(type(m))
+    if twin is None: return False
+    m.__class__ = twin
+    m.keep_weights,m.attn_weights,m.attn_softmax = keep_weights,None,None
+    return True
+
+def _unswap_layer(m:nn.Module)->bool: # whether `m` was a twin (it is stock now)
+    "Give one twin its stock class back, in place, without what the twin held: the one place a stock class is put back"
+    stock = {v:k for k,v in layer_adapter(m).twins.items()}.get(type(m))
+    if stock is None: return False
+    for k in ('keep_weights',) + _NOT_KEPT: m.__dict__.pop(k, None)
+    m.__class__ = stock
+    return True
+
 def swap_attention(model:nn.Module, # any module holding supported attention layers
                    keep_weights:bool=True, # newly swapped layers keep their last forward's weights
                   )->nn.Module: # `model`, changed in place
@@ -143,20 +159,12 @@ def swap_attention(model:nn.Module, # any module holding supported attention lay
     adapters_for(model, 'swap_attention')
     layers = attention_layers(model)
     for _, m in layers: layer_adapter(m).check(m)  # check all before changing any, so a bad model is left as it was
-    for _, m in layers:
-        twin = layer_adapter(m).twins.get(type(m))
-        if twin is not None:
-            m.__class__ = twin
-            m.keep_weights,m.receiver,m.attn_weights,m.attn_softmax = keep_weights,None,None,None
+    for _, m in layers: _swap_layer(m, keep_weights)
     return model
 
 def unswap_attention(model:nn.Module)->nn.Module: # `model` with stock classes, changed in place
     "Give every swapped attention layer in `model` its stock class back, in place (idempotent)"
-    for _, m in attention_layers(model):
-        stock = {v:k for k,v in layer_adapter(m).twins.items()}.get(type(m))
-        if stock is not None:
-            for k in ('keep_weights',) + _NOT_KEPT: m.__dict__.pop(k, None)
-            m.__class__ = stock
+    for _, m in attention_layers(model): _unswap_layer(m)
     return model
 
 def tokens_of(model:nn.Module, name:str, layer:nn.Module, seq_len:int, n_q:int, n_k:int)->dict:

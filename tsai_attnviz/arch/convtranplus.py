@@ -32,17 +32,18 @@ class _ConvTranTwin(_ExposesWeights):
         logits:torch.Tensor, # [bs, n_heads, q_len, k_len], scaled scores; only this method may hold them
         bias:torch.Tensor|None=None, # [n_heads, q_len, k_len], eRPE's relative bias, added after the softmax
     )->torch.Tensor: # [bs, n_heads, q_len, k_len], the matrix that multiplies the values
-        "Softmax, hand the attention to the receiver, keep it if asked, and return the effective matrix"
+        "Softmax, publish the attention to the attached consumers, keep it if asked, and return the effective matrix"
+        want = set(self._begin(len(logits))) if self.publishing else set()  # batch rows some consumer wants
         if not (logits.requires_grad or self.keep_weights):
             # Prediction: one sample at a time, each softmax written over its scores (softmax is row-wise: same values)
             for i in range(len(logits)):
                 sm = F.softmax(logits[i], dim=-1)                                   # [H, L, L]
-                if self.receiver is not None: self.receiver(self, sm[None], bias, logits[i:i+1], i)
+                if i in want: self._publish(sm[None], bias, logits[i:i+1], positions=[i], masked=False)
                 logits[i] = sm
             self.attn_weights = self.attn_softmax = None
             return logits if bias is None else logits.add_(bias)
         softmax = F.softmax(logits, dim=-1)
-        if self.receiver is not None: self.receiver(self, softmax, bias, logits, 0)
+        if want: self._publish(softmax, bias, logits, masked=False)  # ConvTranPlus masks no key
         del logits  # frees the scores before the bias is added, as stock does
         attn = softmax if bias is None else softmax + bias  # out of place: autograd or `attn_softmax` need the softmax
         if self.keep_weights: self.attn_weights,self.attn_softmax = attn.detach(),softmax.detach()

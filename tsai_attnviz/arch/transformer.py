@@ -38,7 +38,7 @@ class TransformerEncoderLayer_With_Weights(_ExposesWeights, nn.TransformerEncode
     "torch's `TransformerEncoderLayer`, run unchanged, with the attention maps of the samples wanted recomputed beside it"
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
         out = super().forward(src, src_mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
-        if self.receiver is not None or self.keep_weights: self._recompute(src, src_mask, src_key_padding_mask)
+        if self.publishing or self.keep_weights: self._recompute(src, src_mask, src_key_padding_mask)
         else: self.attn_weights = self.attn_softmax = None
         return out
 
@@ -69,14 +69,15 @@ class TransformerEncoderLayer_With_Weights(_ExposesWeights, nn.TransformerEncode
         return F.softmax(logits, dim=-1)[None], logits[None]
 
     def _recompute(self, src, attn_mask, kpm):
-        "Hand the receiver the maps of the samples it wants; keep every sample's when `keep_weights`"
+        "Publish the maps of the samples the consumers want; keep every sample's when `keep_weights`"
         xs = self._samples(src)
-        want = set(self._wanted(len(xs))) if self.receiver is not None else set()
+        want = set(self._begin(len(xs))) if self.publishing else set()
+        masked = attn_mask is not None or kpm is not None
         kept = []
         with torch.no_grad():
             for p in (range(len(xs)) if self.keep_weights else sorted(want)):
                 sm, logits = self._maps(xs[p], attn_mask, kpm, p)                                  # [1, H, L, L]
-                if p in want: self.receiver(self, sm, None, logits, p, 0)
+                if p in want: self._publish(sm, None, logits, positions=[p], masked=masked)
                 if self.keep_weights: kept.append(sm[0])
         self.attn_weights = self.attn_softmax = _pad_stack(kept) if kept else None                 # [bs, H, L, L]
 
