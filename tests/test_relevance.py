@@ -250,7 +250,7 @@ def test_every_family_every_method(name):
     m, x = _family_models()[name].eval(), torch.randn(3, 4, 32)
     task = 'regression' if name == 'PatchTST' else 'classification'
     for method in METHODS:
-        if (name, method) == ('TSPerceiver', 'rollout'):
+        if name == 'TSPerceiver' and method in ('rollout', 'grad_rollout'):
             with pytest.raises(ValueError, match='cross-attention'): model_relevance(m, x, method, task=task)
         else:
             r = model_relevance(m, x, method, task=task)
@@ -289,3 +289,52 @@ def test_fused_layers_give_the_exact_relevance():
     exact = {meth: model_relevance(m, x, meth) for meth in ('attention', 'value_norm', 'rollout', 'grad_attention')}
     fast_attention(m)
     for meth, r in exact.items(): assert np.allclose(model_relevance(m, x, meth), r, atol=1e-5), meth  # grad_attention: as its exact twin
+
+def test_grad_rollout_by_hand_on_two_layers():
+    "grad_rollout (Chefer et al. 2021 across layers) against the stock TST's own maps and their gradients, read with hooks"
+    from tsai.models.TST import TST, _MultiHeadAttention
+    torch.manual_seed(0)
+    model = TST(3, 2, 20, n_layers=2, d_model=16, n_heads=2, d_ff=32, dropout=0.).eval()
+    x = torch.randn(4, 3, 20)
+    maps = []
+    hs = [m.register_forward_hook(lambda m, i, o: maps.append(o[1])) for m in model.modules() if type(m) is _MultiHeadAttention]
+    try:
+        out = model(x)
+        c = out.argmax(-1)
+        gs = torch.autograd.grad(out.gather(1, c[:, None]).sum(), maps)               # ∂y/∂A_l, [bs, H, L, L]
+    finally:
+        for h in hs: h.remove()
+    A1, A2 = [(A * g).clamp(min=0).mean(1).detach().double() for A, g in zip(maps, gs)]  # Ā_l: heads averaged
+    I = torch.eye(20, dtype=torch.double)
+    want = ((I + A2) @ (I + A1) - I).mean(-2).float().numpy()                          # tokens are time steps here
+    got = model_relevance(model, x, 'grad_rollout')
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * float(np.abs(want).max()))  # float32 sums, other order
+    no_leftovers(model)
+    # one layer: the same as grad_attention of that layer
+    one = model_relevance(model, x, 'grad_attention', layer=0)
+    np.testing.assert_allclose(model_relevance(model, x, 'grad_rollout', layer=0), one, rtol=1e-5, atol=1e-7 * float(np.abs(one).max()))
+    with pytest.raises(ValueError, match='grad_rollout averages the heads'): model_relevance(model, x, 'grad_rollout', head=0)
+
+def test_rollouts_stay_in_their_branch():
+    "MultiTSTPlus: a branch's rollout goes through that branch's layers only, not the branches computed before it"
+    from tsai.models.TSTPlus import MultiTSTPlus
+    from tsai_attnviz.relevance import _stacked
+    names = ['backbone.0.branches.0.encoder.layers.0.self_attn', 'backbone.0.branches.0.encoder.layers.1.self_attn',
+             'backbone.0.branches.1.encoder.layers.0.self_attn', 'backbone.0.branches.1.encoder.layers.1.self_attn']
+    assert [_stacked(n, names[3]) for n in names] == [False, False, True, True]
+    assert _stacked('backbone.attention_layer', 'backbone.attention_layer') and not _stacked('a.0.b', 'a.0.c')
+    torch.manual_seed(0)
+    m, x = MultiTSTPlus([2, 3], 2, 16, n_layers=2, d_model=16, n_heads=2).eval(), torch.randn(2, 5, 16)
+    last = 'backbone.0.branches.1.encoder.layers.1.self_attn'
+    # (gradient methods can't run on MultiTSTPlus: tsai writes in place into the views its split returns)
+    # the rollout of branch 1's two layers alone, from the stock maps read with hooks
+    from tsai.models.layers import MultiheadAttention
+    maps = []
+    mods = dict(m.named_modules())
+    hs = [mods[n].register_forward_hook(lambda mod, i, o: maps.append(o[1].detach())) for n in names[2:]]
+    try:
+        with torch.no_grad(): m(x)
+    finally:
+        for h in hs: h.remove()
+    want = attention_rollout([a.mean(1) for a in maps]).mean(-2).numpy()
+    np.testing.assert_allclose(model_relevance(m, x, 'rollout', layer=last), want, rtol=1e-5, atol=1e-7)

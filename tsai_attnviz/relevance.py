@@ -34,8 +34,9 @@ from .plot import _finish
 from .stream import AttnConsumer, attached
 
 # %% auto #0
-__all__ = ['METHODS', 'MODEL_AGNOSTIC', 'PARTS', 'TASKS', 'VALUE_F', 'N_WINDOWS', 'UNITS', 'check_method', 'value_vectors',
-           'attention_rollout', 'fill_steps', 'Workspace', 'model_relevance', 'check_relevance_args', 'plot_relevance']
+__all__ = ['METHODS', 'GRAD_METHODS', 'MODEL_AGNOSTIC', 'PARTS', 'TASKS', 'VALUE_F', 'N_WINDOWS', 'UNITS', 'check_method',
+           'value_vectors', 'attention_rollout', 'grad_rollout', 'fill_steps', 'Workspace', 'model_relevance',
+           'check_relevance_args', 'plot_relevance']
 
 # %% ../nbs/20_relevance.ipynb #2e1e0a07
 METHODS = dict(
@@ -43,6 +44,7 @@ METHODS = dict(
     value_norm="Σ_i ‖α_ij · f(x_j)‖ (Kobayashi et al. 2020): attention weighted by the norm of each key's value at the output",
     grad_attention="(A ⊙ ∂y/∂A)⁺ for the predicted class (Chefer et al. 2021): mean over heads, then over queries",
     rollout='attention rollout (Abnar & Zuidema 2020): Π_l rownorm(½·A_l + ½·I), heads averaged, mean over queries',
+    grad_rollout="Chefer et al. 2021 across layers: R = I, then R += Ā_l·R with Ā_l = E_h[(A_l ⊙ ∂y/∂A_l)⁺], every layer up to the chosen one; mean over queries of R − I",
     occlusion="drop of the predicted class's probability when a window is replaced by the item's per-variable mean",
     integrated_gradients="Captum's IntegratedGradients: the path integral of the gradient from a zero baseline (50 steps)",
     saliency="Captum's Saliency: the gradient's magnitude",
@@ -50,6 +52,7 @@ METHODS = dict(
     gradient_shap="Captum's GradientShap: expected gradient × (input − baseline) over noisy points between a zero baseline and the input",
     feature_ablation="Captum's FeatureAblation: the drop of the output when each value (or each group of `feature_mask`) is set to 0",
 )  # method -> what it measures
+GRAD_METHODS = ('grad_attention', 'grad_rollout')  # read the gradient of the prediction with respect to the maps
 MODEL_AGNOSTIC = ('occlusion', 'integrated_gradients', 'saliency', 'input_x_gradient', 'gradient_shap', 'feature_ablation')  # read no attention
 PARTS = ('effective', 'softmax')  # eRPE adds an input-independent bias after the softmax: 'effective' includes it
 TASKS = ('classification', 'multilabel', 'regression')
@@ -143,6 +146,20 @@ def attention_rollout(maps, # layers in forward order, each [..., L, L] (heads a
     if R is None: raise ValueError("rollout needs at least one layer's map.")
     return R.float()
 
+# %% ../nbs/20_relevance.ipynb #3bc9f0a9
+def grad_rollout(maps, # layers in forward order, each [..., L, L]: Ā_l = E_h[(A_l ⊙ ∂y/∂A_l)⁺], heads already averaged
+                )->torch.Tensor: # [..., L, L]: R − I, how much each input token's relevance reaches token i of the last layer
+    "Chefer et al. (2021)'s relevance propagation across self-attention layers: R = I, then R = R + Ā_l·R for each layer; R − I"
+    R, shapes = None, [list(torch.as_tensor(m).shape) for m in maps]
+    for A in maps:
+        A = torch.as_tensor(A).double()
+        if A.shape[-1] != A.shape[-2] or (R is not None and A.shape != R.shape):
+            raise ValueError(f"grad_rollout multiplies square maps of one size, one per layer; got shapes {shapes}.")
+        if R is None: R = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+        R = R + A @ R
+    if R is None: raise ValueError("grad_rollout needs at least one layer's map.")
+    return (R - torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)).float()
+
 # %% ../nbs/20_relevance.ipynb #2e1e0a17
 def fill_steps(x:torch.Tensor, # [n, c_in, L]
                mask, # [n, L] or [L], bool: the time steps to replace, in every variable
@@ -197,7 +214,7 @@ class _Maps(AttnConsumer):
             self.calls.append(dict(layer=layer, sm=[], rows={}, Lk=attn.shape[-1], Lq=chunk.n_q, exact=attn.requires_grad,
                                    f=self.f[id(layer)][n] if id(layer) in self.f else None))
         d = next(d for d in reversed(self.calls) if d['layer'] is layer)
-        if self.method == 'grad_attention': d['sm'].append(attn)
+        if self.method in GRAD_METHODS: d['sm'].append(attn)
         a = attn.detach()
         if self.part == 'effective' and bias is not None: a = a + bias.detach()          # [r, H, c, Lk]: c query rows from q0
         if self.method == 'attention': a = a.sum(-2)                                     # [r, H, Lk]: sums over queries add up
@@ -211,6 +228,13 @@ class _Maps(AttnConsumer):
     def pre_hook(self, layer, args, kwargs):
         "‖f(x_j)‖ of this call (value_norm)"
         with torch.no_grad(): self.f.setdefault(id(layer), []).append(value_vectors(layer, args, kwargs, self.model).norm(dim=-1).float())
+
+def _stacked(name:str, of:str)->bool:
+    "Whether layer `name` is in the stack of layer `of`: the same name but for its last number (`layers.0` … `layers.5`); other branches are not"
+    a, b = name.split('.'), of.split('.')
+    num = [i for i, p in enumerate(b) if p.isdigit()]
+    if len(a) != len(b): return False
+    return all(x == y or (num and i == num[-1] and x.isdigit()) for i, (x, y) in enumerate(zip(a, b)))
 
 def _pick_layer(layers:list, layer, timed=None)->int:
     "Index in `layers` [(name, module)] of `layer`: a number (negative from the end), a name, or None: the last in `timed`"
@@ -235,7 +259,7 @@ def _per_item(r, bs)->torch.Tensor: # [rows, L] -> [bs, L]: channel-independent 
 def _attention_relevance(model, x, method, layer, head, target, task, part)->torch.Tensor: # [bs, L]
     "Relevance from the maps of one forward (and one backward for grad_attention)"
     bs, _, L = x.shape
-    grad = method == 'grad_attention'
+    grad = method in GRAD_METHODS
     maps = _Maps(method, part, model)
     # a forward of its own: exclusive, so that consumers attached around it (recorders) see none of it
     att = attached(model, maps, keep_weights=False, exclusive=True, who=f"relevance(method={method!r})")
@@ -252,27 +276,31 @@ def _attention_relevance(model, x, method, layer, head, target, task, part)->tor
             timed = lambda m: id(m) in called and (keys(called[id(m)])[1] >= 0).any()   # keys that are time steps
             sel = layers[_pick_layer(layers, layer, timed if any(timed(m) for _, m in layers) else None)][1]
             calls = [d for d in maps.calls if d['layer'] is sel]
-            if grad and not all(d['exact'] for d in calls):
-                raise ValueError(f"grad_attention needs the maps the forward multiplied the values by; {names[id(sel)]} "
-                                 f"({type(sel).__name__}) recomputes them beside the forward (no gradient reaches them). "
-                                 "Use 'attention', 'value_norm', 'rollout' or 'occlusion'.")
-            if grad and calls:
-                sms = [s for d in calls for s in d['sm']]
+            upto = max((i for i, d in enumerate(maps.calls) if d['layer'] is sel), default=-1)
+            chain = [d for d in maps.calls[:upto + 1] if _stacked(names[id(d['layer'])], names[id(sel)])]  # what rollouts go through
+            graded = chain if method == 'grad_rollout' else calls
+            for d in graded:
+                if grad and not d['exact']:
+                    raise ValueError(f"{method} needs the maps the forward multiplied the values by; {names[id(d['layer'])]} "
+                                     f"({type(d['layer']).__name__}) recomputes them beside the forward (no gradient reaches them). "
+                                     "Use 'attention', 'value_norm', 'rollout' or 'occlusion'.")
+            if grad and graded:
+                sms = [s for d in graded for s in d['sm']]
                 gs = torch.autograd.grad(_score(out, _classes(out, task, target)).sum(), sms, allow_unused=True)
                 gs = iter([torch.zeros_like(s) if g is None else g for s, g in zip(sms, gs)])  # unused: no influence
-                for d in calls: d['g'] = torch.cat([next(gs).detach() for _ in d['sm']]); d['sm'] = None
+                for d in graded: d['g'] = torch.cat([next(gs).detach() for _ in d['sm']]); d['sm'] = None
     finally:
         for h in hooks: h.remove()
         att.detach()  # every layer as it was: stock, or a twin with its own consumers and kept weights
     if not calls: raise ValueError(f"attention layer {names[id(sel)]} was not called in the forward.")
     def steps(d, v): # [rows, Lk] on the keys of call d -> [bs, L] on the input's time steps
         return _per_item(spread_to_steps(v.float().cpu(), keys(d)[1], L), bs)
-    if method == 'rollout':
-        upto = max(i for i, d in enumerate(maps.calls) if d['layer'] is sel)
-        cross = [f"{names[id(d['layer'])]}: {d['Lq']} × {d['Lk']}" for d in maps.calls[:upto + 1] if d['Lq'] != d['Lk']]
-        if cross: raise ValueError(f"rollout follows the same tokens through every layer; this model has cross-attention "
+    if method in ('rollout', 'grad_rollout'):
+        cross = [f"{names[id(d['layer'])]}: {d['Lq']} × {d['Lk']}" for d in chain if d['Lq'] != d['Lk']]
+        if cross: raise ValueError(f"{method} follows the same tokens through every layer; this model has cross-attention "
                                    f"({', '.join(cross)}). Use 'attention', 'value_norm' or 'grad_attention' (layer=...), or 'occlusion'.")
-        R = attention_rollout([maps.maps(d) for d in maps.calls[:upto + 1]])            # [rows, n_tok, n_tok]
+        if method == 'rollout': R = attention_rollout([maps.maps(d) for d in chain])   # [rows, n_tok, n_tok]
+        else: R = grad_rollout([(maps.maps(d) * d['g']).clamp(min=0).mean(1) for d in chain])  # Ā_l: heads averaged
         return steps(maps.calls[0], R.mean(-2))
     rel = []
     for d in calls:
@@ -384,8 +412,8 @@ def model_relevance(model:nn.Module, # a model with supported attention layers (
         raise ValueError(f"{method} is model-agnostic: it takes no layer= or head=.")
     if (per_var or kwargs) and method not in CAPTUM_METHODS:
         raise ValueError(f"per_var= and {', '.join(kwargs) or 'other'} arguments are for Captum's methods ({', '.join(CAPTUM_METHODS)}), not {method!r}.")
-    if method == 'rollout' and head is not None:
-        raise ValueError("rollout averages the heads of every layer: head= is for 'attention', 'value_norm' and 'grad_attention'.")
+    if method in ('rollout', 'grad_rollout') and head is not None:
+        raise ValueError(f"{method} averages the heads of every layer: head= is for 'attention', 'value_norm' and 'grad_attention'.")
     p = next(model.parameters(), None)
     x = x.as_subclass(torch.Tensor).to(p.device if p is not None else 'cpu', torch.float32)
     modes = [(m, m.training) for m in model.modules()]
@@ -397,10 +425,10 @@ def model_relevance(model:nn.Module, # a model with supported attention layers (
             with Workspace(model) as ws, torch.no_grad(): _out(model, x[:1])
             fit = int(max_mem * 2**20 // max(3 * ws.bytes, 1))
             return captum_relevance(model, x, method, target, task, per_var, bs=max(1, min(int(bs), fit)), **kwargs)
-        with (_grad_maps(model, layer) if method == 'grad_attention' else ExitStack()):
+        with (_grad_maps(model, None if method == 'grad_rollout' else layer) if method in GRAD_METHODS else ExitStack()):
             with Workspace(model) as ws: rel = [_attention_relevance(model, x[:1], method, layer, head, target, task, part)]
             # items per forward: at most bs, and what fits max_mem (the maps kept and the backward's hold about twice the forward's)
-            per = ws.bytes * (3 if method == 'grad_attention' else 1)
+            per = ws.bytes * (3 if method in GRAD_METHODS else 1)
             bs = max(1, min(int(bs), int(max_mem * 2**20 // max(per, 1))))
             rel += [_attention_relevance(model, x[i:i + bs], method, layer, head, target, task, part) for i in range(1, len(x), bs)]
             return torch.cat(rel).numpy()
@@ -460,7 +488,8 @@ def check_relevance_args(model:nn.Module, # the model to explain
             elif not -len(names) <= layer < len(names):
                 raise IndexError(f"layer={layer} but the model has {len(names)} attention layers (0..{len(names) - 1}): {names}.")
         if head is not None:
-            if method == 'rollout': raise ValueError("rollout averages the heads of every layer: drop head=, or use 'attention', 'value_norm' or 'grad_attention'.")
+            if method in ('rollout', 'grad_rollout'):
+                raise ValueError(f"{method} averages the heads of every layer: drop head=, or use 'attention', 'value_norm' or 'grad_attention'.")
             picked = layers if layer is None else [layers[names.index(layer)] if isinstance(layer, str) else layers[layer]]
             H = sorted({layer_adapter(m).n_heads(m) for _, m in picked})
             what = 'the layer has' if len(picked) == 1 else "the model's attention layers have"
