@@ -19,6 +19,7 @@ def sdps(model): return [m for m in model.modules() if isinstance(m, _ScaledDotP
 CONFIGS = [dict(), dict(res_attention=False), dict(decomposition=True, kernel_size=5), dict(pre_norm=True, norm='LayerNorm'),
            dict(c_in=1, seq_len=23, patch_len=6, stride=5)]
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize('cfg', CONFIGS, ids=lambda c: ','.join(f'{k}={v}' for k, v in c.items()) or 'default')
 @pytest.mark.parametrize('mode', ['eval', 'train'])
 def test_outputs_and_grads_bitwise(cfg, mode):
@@ -44,6 +45,7 @@ def test_outputs_and_grads_bitwise(cfg, mode):
     assert len(got) == 2 * len(sdps(stock))  # the consumer saw each layer's forward, in both runs that had it
 
 # -- the maps: tsai's own store_attn, and a hand computation --------------------------------------------------------------
+@pytest.mark.bitwise
 @pytest.mark.parametrize('decomposition', [False, True])
 def test_kept_weights_are_store_attn(decomposition):
     "In training, with attention dropout: `attn_weights` is bitwise what tsai's `store_attn=True` keeps (after dropout)"
@@ -102,6 +104,7 @@ def test_received_maps_by_hand(cfg):
     if cfg.get('res_attention', True):  # layer 1's softmax came from its own scores plus layer 0's
         assert not torch.allclose(got[1][0], expected[0][1])
 
+@pytest.mark.bitwise
 def test_rows_are_items_times_variables():
     "Row r of the attention batch is item r // c_in, variable r % c_in: change one (item, variable), one row changes"
     twin = swap_attention(tiny(c_in=3)).eval()

@@ -61,6 +61,7 @@ def check_bitwise(stock, swapped, x):
                 assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.equal(a.grad, b.grad)), n
             stock.zero_grad(); swapped.zero_grad()
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize('share_weights', [True, False])
 def test_bitwise(share_weights):
     stock, swapped = perceiver(share_weights=share_weights), swap_attention(perceiver(share_weights=share_weights))
@@ -68,10 +69,12 @@ def test_bitwise(share_weights):
     assert len(layers_of(swapped)) == (4 if share_weights else 8)
     check_bitwise(stock, swapped, torch.randn(3, 3, 20))
 
+@pytest.mark.bitwise
 def test_bitwise_with_categorical_and_continuous_inputs():
     kw = dict(cat_szs=[3, 5], n_cont=1, n_layers=2)
     check_bitwise(perceiver(**kw), swap_attention(perceiver(**kw)), tab_input())
 
+@pytest.mark.bitwise
 def test_res_attention_layer_bitwise():
     "The layer on its own with res_attention=True (TSPerceiver never sets it) also returns stock's scores"
     torch.manual_seed(0)
@@ -87,6 +90,7 @@ def test_res_attention_layer_bitwise():
 
 
 # -- maps: every call's, exactly as stock computes them -------------------------------------------------------------------
+@pytest.mark.bitwise
 def test_maps_per_call_with_shared_weights():
     "With share_weights blocks 1, 2, 3 are one module: a consumer gets one map per call, equal to stock's"
     stock, swapped = perceiver(), swap_attention(perceiver(), keep_weights=False).eval()
@@ -104,6 +108,7 @@ def test_maps_per_call_with_shared_weights():
         assert torch.equal(torch.softmax(logits, -1), sm)
     assert all(l.attn_weights is None for l in layers_of(swapped))
 
+@pytest.mark.bitwise
 def test_kept_weights_are_the_last_call():
     stock, swapped = perceiver(), swap_attention(perceiver()).eval()
     x = torch.randn(3, 3, 20)
@@ -176,8 +181,10 @@ def test_learner_records_and_draws(perceiver_learner, tmp_path):
         got = shared.filter(call=c).weights.float()
         torch.testing.assert_close(got, [w for n, w in ref if n == 'attn.1.0.attn'][c], rtol=0, atol=1e-6)
     assert rec.meta['tokens']['attn.0.0.attn'] == dict(query=('latent', [[-1, -1]] * 8), key=('time step', [[i, i + 1] for i in range(100)]))
-    # tsai's zero-initialised latents stay alike through training: every row of the map is the same
-    assert all(torch.equal(cross.weights[:, :, i], cross.weights[:, :, 0]) for i in range(8))
+    # tsai's zero-initialised latents stay alike through training: every row of the map is the same, to rounding (rows of one
+    # product: a BLAS may compute the tail rows of its tiles by another instruction sequence, so not bitwise on every CPU)
+    w = cross.weights.float()
+    for i in range(8): torch.testing.assert_close(w[:, :, i], w[:, :, 0], rtol=0, atol=1e-6 * w.abs().max().item())
     learn.show_attention().savefig('/tmp/perceiver_show_attention.png')
     learn.show_attention(view='series').savefig('/tmp/perceiver_series.png')  # what each time step receives
     no_leftovers(learn.model)

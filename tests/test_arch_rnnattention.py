@@ -27,6 +27,7 @@ def test_two_stock_classes_two_twins():
     assert set(a.twins) == {MHA, MHAPlus} and len(set(a.twins.values())) == 2
     assert all(t.__name__.endswith('_With_Weights') for t in a.twins.values())
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize('arch', ARCHS, ids=lambda a: a.__name__)
 @pytest.mark.parametrize('bidirectional', [False, True])
 def test_outputs_and_gradients_bitwise(arch, bidirectional):
@@ -43,6 +44,7 @@ def test_outputs_and_gradients_bitwise(arch, bidirectional):
         assert all((lay.attn_weights is not None) == keep for _, lay in attention_layers(swapped))
         assert len(got) == (4 if receiver else 0)
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize('arch', [LSTMAttention, GRUAttentionPlus], ids=lambda a: a.__name__)
 @pytest.mark.parametrize('train', [False, True])
 def test_maps_equal_what_the_stock_layer_returns(arch, train):

@@ -66,12 +66,14 @@ def check_bitwise(stock, swapped, x, call=lambda m, x: m(x)):
             stock.zero_grad(); swapped.zero_grad()
             if recv is not None: assert recv.got and all(sm.shape[0] == 1 for *_, sm, _ in recv.got)
 
+@pytest.mark.bitwise
 def test_tsai_transformer_model_bitwise():
     "tsai's TransformerModel (batch_first=False: the attention's batch is dimension 1), eval and train with dropout 0.3"
     stock, swapped = tsai_model(), swap_attention(tsai_model())
     assert [type(l).__name__ for l in layers_of(swapped)] == ['TransformerEncoderLayer_With_Weights'] * 2
     check_bitwise(stock, swapped, torch.randn(5, 3, 20))
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize('norm_first', [False, True])
 def test_batch_first_fused_path_bitwise(norm_first, monkeypatch):
     "batch_first layers in eval + no_grad run torch's fused layer op, stock and swapped alike: the twin adds no hook"
@@ -128,6 +130,7 @@ def test_maps_float_mask_and_per_head_mask():
     with torch.no_grad(): call(swapped, x)
     torch.testing.assert_close(swapped.layers[0].attn_weights, mha_maps(stock, x, 0, call), rtol=0, atol=1e-6)
 
+@pytest.mark.bitwise
 def test_nested_fast_path(monkeypatch):
     "batch_first + key padding mask in eval: the encoder packs the batch as a nested tensor; each sample's map is its own length"
     stock = encoder(batch_first=True, nested=True).eval()

@@ -20,6 +20,7 @@ run = seeded_run
 
 def stock_maps(model, x, train): return hooked_attention(model, x, train, (_MultiHeadAttention,))
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize('cfg', CONFIGS)
 @pytest.mark.parametrize('keep', [True, False])
 @pytest.mark.parametrize('receiver', [False, True])
@@ -37,6 +38,7 @@ def test_outputs_and_gradients_bitwise(cfg, keep, receiver):
     assert all((lay.attn_weights is not None) == keep for _, lay in attention_layers(swapped))
     assert len(got) == (4 if receiver else 0)  # 2 layers × 2 forwards
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize('train', [False, True])
 def test_maps_equal_what_the_stock_layer_returns(train):
     stock = make()

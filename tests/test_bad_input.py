@@ -40,6 +40,7 @@ def test_nan_in_a_recorded_pass_warns_and_keeps_finite_items_drawable(learn, bm_
         learn.show_attention(view='series', idx=3)
     finally: learn.remove_cb(rec); plt.close('all')
 
+@pytest.mark.bitwise
 def test_integer_and_univariate_2d_X_are_taken_as_the_cli_takes_them(learn, bm_data):
     X = bm_data[0][:4]
     r_int = learn.record_attention(X=np.round(X * 100).astype('int64'), samples=[0])

@@ -33,6 +33,7 @@ def runs(bm_data):
     without = fit(bm_data, [])
     return with_rec, without, rec, keep
 
+@pytest.mark.bitwise
 def test_training_unaffected(runs):
     with_rec, without, *_ = runs
     assert [l.item() for l in with_rec.recorder.losses] == [l.item() for l in without.recorder.losses]

@@ -108,9 +108,10 @@ def test_fast_recordings_equal_exact_recordings(bm_learner, max_len, chunk):
     got = _record(bm_learner, fast, **kw)
     assert len(got) == 6 and type(fast.backbone.attention_layer) is Attention_Rel_Scl_Fast  # not swapped back
     no_leftovers(fast)
-    # one chunk of all rows: the exact layer's matmul and softmax on one sample, reduced in one pass: bitwise here (CPU);
-    # in chunks the reductions are running sums, and a chunk's matmul may round differently in the last bit
-    _compare(exact, got, bitwise=chunk is None and DEV.type == 'cpu')
+    # within 1e-6 of the maps' scale, never bitwise: the fused layers compute one sample's scores (and in chunks, running sums)
+    # where the exact layer computes the batch's, and a float32 product's last bits depend on its shape, the thread count and
+    # the CPU's vector unit
+    _compare(exact, got, bitwise=False)
 
 def pig_cvp(seq_len, n, c_in=3):
     "Real PigCVP series, three per sample as the variables, resampled to seq_len"

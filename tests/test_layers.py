@@ -17,6 +17,7 @@ CASES = [(rel, L, d, h, bs) for rel in ['eRPE', 'vector', None]
          for (L, d, h, bs) in [(30, 16, 8, 4), (57, 32, 8, 1), (12, 16, 4, 3), (40, 64, 16, 2)]
          if not (rel == 'eRPE' and h != 8)]  # stock eRPE only runs with 8 heads
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize('rel,L,d,h,bs', CASES)
 @pytest.mark.parametrize('keep', [True, False])
 def test_eval_outputs_bitwise(rel, L, d, h, bs, keep):
@@ -27,6 +28,7 @@ def test_eval_outputs_bitwise(rel, L, d, h, bs, keep):
     w = swapped.backbone.attention_layer.attn_weights
     assert (w is not None) == keep
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize('rel', ['eRPE', 'vector', None])
 def test_train_mode_outputs_and_grads_bitwise(rel):
     stock, swapped = pair(rel)
@@ -77,6 +79,7 @@ def test_erpe_stock_fails_without_swap_for_4_heads():
     m = ConvTranPlus(3, 2, 25, d_model=16, n_heads=4)
     with pytest.raises(RuntimeError): m(torch.randn(2, 3, 25))
 
+@pytest.mark.bitwise
 def test_state_dict_and_pickles():
     stock, swapped = pair('eRPE')
     assert list(stock.state_dict()) == list(swapped.state_dict())
@@ -97,6 +100,7 @@ def test_state_dict_and_pickles():
         with torch.no_grad(): assert torch.equal(m.eval()(x), ref)
     assert len(cloudpickle.dumps(swapped)) < len(cloudpickle.dumps(stock)) * 1.01
 
+@pytest.mark.bitwise
 def test_fit_one_cycle_same_losses(bm_data):
     losses = []
     for swap in (False, True):

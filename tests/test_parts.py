@@ -11,6 +11,7 @@ def recording(bm_learner):
     no_leftovers(bm_learner.model)
     return bm_learner, rec.recording
 
+@pytest.mark.bitwise
 def test_parts_add_up_and_match_the_stock_layer(recording):
     learn, r = recording
     sm, eff = stock_effective_attention(learn.model, r.inputs, 'softmax'), stock_effective_attention(learn.model, r.inputs)
@@ -31,6 +32,7 @@ def test_bias_share_by_hand(recording):
             got = df[(df['idx'] == r.idxs[i]) & (df['head'] == h)]['bias_share'].item()
             assert got == pytest.approx(vb / (vs + vb), rel=1e-4)
 
+@pytest.mark.bitwise
 def test_reduced_parts(bm_learner):
     rec = AttnRecorder(idxs=[3], max_len=10)
     bm_learner.get_preds(cbs=[rec])

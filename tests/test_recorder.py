@@ -16,10 +16,15 @@ def learn(bm_learner):
     for cb in [c for c in bm_learner.cbs if isinstance(c, AttnRecorder)]: bm_learner.remove_cb(cb)
     no_leftovers(bm_learner.model)
 
+def valid_batches(learn):
+    "The validation batches after the batch transforms, as `get_preds` makes them (same batch size, same order)"
+    return [xb for xb, _ in learn.dls.valid.new(shuffle=False, drop_last=False)]
+
 def valid_inputs(learn):
     "Every validation item after the batch transforms, in order, gathered without the package"
-    return torch.cat([xb for xb, _ in learn.dls.valid.new(shuffle=False, drop_last=False)]).cpu()  # recordings live on the CPU
+    return torch.cat(valid_batches(learn)).cpu()  # recordings live on the CPU
 
+@pytest.mark.bitwise
 def test_records_selected_batches_and_samples_bitwise(learn):
     base, _ = learn.get_preds()
     rec = AttnRecorder(batches=[0, 2], samples=[1, 4])
@@ -29,7 +34,10 @@ def test_records_selected_batches_and_samples_bitwise(learn):
     assert (r.batches, r.samples) == ([0, 0, 2, 2], [1, 4, 1, 4])
     assert r.idxs == [1, 4, 33, 36]
     assert torch.equal(preds, base)  # recording does not change predictions
-    expected = stock_effective_attention(learn.model, r.inputs)  # independent, from the stock layers
+    # independent, from the stock layers, on the very batches recorded: a float32 map also depends on the batch it was computed
+    # in (kernels choose their blocking by shape), so bitwise only for the same batch composition
+    bs = valid_batches(learn)
+    expected = torch.cat([stock_effective_attention(learn.model, bs[b])[[1, 4]] for b in (0, 2)])
     assert torch.equal(r.weights, expected)
     assert torch.equal(r.inputs, valid_inputs(learn)[[1, 4, 33, 36]])
     torch.testing.assert_close(r.preds.softmax(-1), preds[[1, 4, 33, 36]])
@@ -65,6 +73,7 @@ def test_tag_and_accumulate(learn):
     assert rec.recording.tags == ['fold 1', 'fold 2']
     assert len(rec.recording.filter(tag='fold 2')) == 1
 
+@pytest.mark.bitwise
 def test_training_unaffected_and_not_recorded_by_default(bm_data):
     losses = []
     for with_rec in (False, True):
@@ -200,6 +209,7 @@ class TwoTowers(torch.nn.Module):
         self.a, self.b = ConvTranPlus(6, 4, 100, n_heads=8), ConvTranPlus(6, 4, 100, rel_pos_encode='vector', n_heads=4)
     def forward(self, x): return self.a(x) + self.b(x)
 
+@pytest.mark.bitwise
 def test_plain_pytorch_model_with_two_layers(bm_data):
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
@@ -210,8 +220,11 @@ def test_plain_pytorch_model_with_two_layers(bm_data):
     rec = AttnRecorder(layers=['b.backbone.attention_layer'], samples=[0])
     learn.get_preds(cbs=[rec])
     assert rec.recording.layers == ['b.backbone.attention_layer'] and rec.recording.weights.shape == (1, 4, 100, 100)
-    # the vector layer's maps against the stock module's own computation (a forward hook, outside the package)
-    assert torch.equal(rec.recording.weights[0], stock_effective_attention(learn.model.b, rec.recording.inputs)[0])
+    # the vector layer's maps against the stock module's own computation (a forward hook, outside the package), on the whole
+    # batch 0 as recorded: recomputed for one item, float32 maps differ in the last bits (batch size picks the kernels' blocking)
+    xb = valid_batches(learn)[0]
+    assert torch.equal(rec.recording.inputs[0], xb[0].cpu())
+    assert torch.equal(rec.recording.weights[0], stock_effective_attention(learn.model.b, xb)[0])
     no_leftovers(learn.model)
     rec = AttnRecorder(samples=[0])
     learn.get_preds(cbs=[rec])

@@ -143,6 +143,7 @@ def test_occlusion_ranks_the_step_read_first(window):
         assert np.allclose(r, want, atol=1e-6)
     assert (model_relevance(ReadsStep(1), x, 'occlusion', task='regression', window=window).argmax(1) == 7).all()
 
+@pytest.mark.bitwise
 def test_fill_steps():
     x = torch.randn(3, 2, 9)
     m = torch.zeros(3, 9, dtype=torch.bool); m[:, 2:5] = True; m[1, 0] = True
@@ -258,6 +259,7 @@ def test_every_family_every_method(name):
             if method in ('attention', 'rollout'): assert np.allclose(r.sum(1), 1, atol=1e-4)  # rows of softmax maps sum to 1
         no_leftovers(m)
 
+@pytest.mark.bitwise
 def test_perceiver_default_layer_is_the_cross_attention():
     "The latents' self-attention has no time steps for keys: the default is the last layer whose keys are steps"
     m, x = _family_models()['TSPerceiver'].eval(), torch.randn(2, 4, 32)
