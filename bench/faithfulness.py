@@ -115,7 +115,7 @@ def methods_for(model)->list: # (label, method, part)
     "The relevance methods to score: the softmax part too where a bias is added (eRPE)"
     eRPE = any(hasattr(m, 'relative_bias_table') for m in model.modules())
     out = []
-    for m in ('attention', 'value_norm', 'grad_attention', 'rollout'):
+    for m in ('attention', 'value_norm', 'grad_attention', 'rollout', 'grad_rollout'):
         out.append((m, m, 'effective'))
         if eRPE: out.append((f'{m}·softmax', m, 'softmax'))
     return out + [('occlusion', 'occlusion', 'effective')] + [(m, m, 'captum') for m in CAPTUM_METHODS]

@@ -50,7 +50,7 @@ MODELS = dict(ConvTranPlus=(ConvTranPlus, {}),  # tsai's defaults: d_model=16, 8
 def attention_methods(model):
     eRPE = any(hasattr(m, 'relative_bias_table') for m in model.modules())
     out = []
-    for m in ('attention', 'value_norm', 'grad_attention', 'rollout'):
+    for m in ('attention', 'value_norm', 'grad_attention', 'rollout', 'grad_rollout'):
         out.append((m, dict(method=m)))
         if eRPE: out.append((f'{m}·softmax', dict(method=m, part='softmax')))
     return out
@@ -136,7 +136,7 @@ def table(rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--quick', action='store_true', help='200 items, 10 epochs, 16 validation items scored, no infidelity')
+    p.add_argument('--quick', action='store_true', help='200 items, 30 epochs, 16 validation items scored, no infidelity')
     p.add_argument('--models', default=','.join(MODELS))
     p.add_argument('--seq-len', type=int, default=200)
     p.add_argument('--threads', type=int, default=2)
@@ -145,6 +145,6 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     names = a.models.split(',')
     if bad := [m for m in names if m not in MODELS]: p.error(f"--models: {bad} unknown; use {', '.join(MODELS)}")
-    run(a.quick, names, 200 if a.quick else 600, a.seq_len, 20, 10 if a.quick else 30, a.out)
+    run(a.quick, names, 200 if a.quick else 600, a.seq_len, 20, 30 if a.quick else 60, a.out)
 
 if __name__ == '__main__': main()
