@@ -264,6 +264,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'tsai_attnviz.learner._cbar_label': ('learner.html#_cbar_label', 'tsai_attnviz/learner.py'),
                                       'tsai_attnviz.learner._check_head': ('learner.html#_check_head', 'tsai_attnviz/learner.py'),
                                       'tsai_attnviz.learner._info': ('learner.html#_info', 'tsai_attnviz/learner.py'),
+                                      'tsai_attnviz.learner._layer_name': ('learner.html#_layer_name', 'tsai_attnviz/learner.py'),
+                                      'tsai_attnviz.learner._layer_vars': ('learner.html#_layer_vars', 'tsai_attnviz/learner.py'),
                                       'tsai_attnviz.learner._no_data': ('learner.html#_no_data', 'tsai_attnviz/learner.py'),
                                       'tsai_attnviz.learner._pick': ('learner.html#_pick', 'tsai_attnviz/learner.py'),
                                       'tsai_attnviz.learner._query_rows': ('learner.html#_query_rows', 'tsai_attnviz/learner.py'),

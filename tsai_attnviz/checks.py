@@ -57,12 +57,15 @@ def check_head(head, # the head asked for; None: every head
 
 # %% ../nbs/04a_checks.ipynb #c4ec0012
 def check_layer(layer, # a number (position among `names`, negative from the end) or a name
-                names, # the layers there are, in order
+                names=None, # the layers there are, in order; None: check the type only
                 what:str='layer', # the argument's name in messages
                 extra=(), # other values allowed as they are, e.g. 'all'
                 where:str='recorded', # 'recorded' (in a recording) or 'in the model'
                ):
     "The name of layer `layer` among `names` (or `layer` itself when it is one of `extra`), or an error listing the layers"
+    if names is None:
+        if isinstance(layer, str) or _as_int(layer) is not None: return layer
+        raise TypeError(f"{_said(what, layer)} not a layer: use a number or a name" + (f" (or {', '.join(map(repr, extra))})" if extra else '') + '.')
     names = list(names)
     if isinstance(layer, str):
         if layer in names or layer in extra: return layer
@@ -125,6 +128,7 @@ def check_choice(value, # the value passed
                  what:str, # the argument's name in messages
                  none_ok:bool=False, # whether None is allowed (and returned)
                  many:bool=False, # whether a list of choices is allowed (and returned as a list)
+                 noun:str='one of the choices', # what a choice is, for messages: 'a relevance method', 'a view'
                 ):
     "`value` when it is one of `choices` (or a list of them, with `many`), or an error listing them"
     if value is None and none_ok: return None
@@ -132,14 +136,14 @@ def check_choice(value, # the value passed
     allowed = ', '.join(map(repr, choices)) + (' or None' if none_ok else '')
     for v in vals:
         if not isinstance(v, str): raise TypeError(f"{_said(what, v)} not a name: use one of {allowed}" + (', or a list of them' if many else '') + '.')
-        if v not in choices: raise ArgumentRangeError(f"{_said(what, v)} not one of {allowed}: pass one of them" + (', or a list of them' if many else '') + '.')
+        if v not in choices: raise ArgumentRangeError(f"{_said(what, v)} not {noun}: use one of {allowed}" + (', or a list of them' if many else '') + '.')
     return vals if many and isinstance(value, (list, tuple)) else value
 
 def check_method(method, # a relevance method's name, or a list of them (`many`)
                  methods, # the methods there are
                  many:bool=False)->str|list:
     "`method` when it is one of `methods`, or an error listing them"
-    return check_choice(method, methods, 'method', many=many)
+    return check_choice(method, methods, 'method', many=many, noun='a relevance method')
 
 # %% ../nbs/04a_checks.ipynb #c4ec0021
 def check_X(X, # data to feed the model: a numpy array, a torch tensor, or nested lists of numbers

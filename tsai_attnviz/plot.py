@@ -42,8 +42,8 @@ def _wrap(s:str, width:int)->str:
     return '\n'.join(out)
 
 def _chars(inches:float, size:float=10.)->int:
-    "How many characters of a `size`-point font fit in `inches` (an average character is about half a point size wide)"
-    return max(int(inches * 72 / (0.55 * size)), 8)
+    "How many characters of a `size`-point font fit in `inches` (a digit of DejaVu Sans is 0.64 of the point size wide)"
+    return max(int(inches * 72 / (0.62 * size)), 8)
 
 def _axes_px(ax):
     "Width of `ax` in pixels, at the figure's dpi"
@@ -116,7 +116,7 @@ def plot_attention_weights(attention_weights, # list (one per layer or forward) 
     ax.set_title(_wrap(title or f'Layer {layer_idx}, Head {head_idx}, Sample {batch_idx} of the batch', _chars(w_in - 0.4, 12)),
                  pad=10)  # batch_idx: a sample; pad: clear of the top tick labels, which stand half above the axes
     _label_map_axes(ax, tokens)
-    fig.colorbar(im, ax=ax, label=_wrap(cbar_label, _chars(h_in * 0.6)))
+    fig.colorbar(im, ax=ax, label=_wrap(cbar_label, _chars(h_in - 1.2)))
     return _finish(fig, path)
 
 def _check_index(name, i, n):
@@ -148,7 +148,9 @@ def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l], or a l
     n, m = len(w), len(cols)
     labels = None if row_labels is None else [str(l) for l in row_labels]
     chars = 0 if labels is None else max(len(s) for l in labels for s in l.split('\n'))  # the widest line of a row label
-    if fig is None: fig = plt.figure(figsize=(panel_size * m + 1.4 + 0.06 * chars, panel_size * n + 0.8), layout='constrained')
+    w_fig = panel_size * m + 1.4 + 0.065 * chars
+    if suptitle: w_fig = max(w_fig, min(0.1 * max(map(len, str(suptitle).split('\n'))), 8.))  # a long title: room for it, wrapped past 8 inches
+    if fig is None: fig = plt.figure(figsize=(w_fig, panel_size * n + 0.8), layout='constrained')
     axs = fig.subplots(n, m, squeeze=False)
     sel = torch.cat([x[[c for c in cols if c < len(x)]].flatten() for x in w])
     fin = sel[torch.isfinite(sel)]  # a map that is not finite (NaN input) is drawn blank and does not set the scale
@@ -226,7 +228,8 @@ def plot_attention_over_series(x, # [c_in, L] the input as the model saw it
                                         label='uniform over\ntokens, spread\nover their steps')
         top = max(c1, 0 if flat is None else flat.max().item())
         ax2.set_ylim(base, top + 0.08 * (top - base or 1))
-        ax2.set_ylabel(f'{quantity}\n' + ('(from 0)' if base == 0 else f'(from the minimum, {base:.3g}:\nvalues below 0 come from the bias)'))
+        what0 = '(from 0)' if base == 0 else f'(from the minimum, {base:.3g}: values below 0 come from the bias)'
+        ax2.set_ylabel(_wrap(f'{quantity}\n{what0}', _chars(figsize[1] * 1.3 / 4.3 - 0.1, 8.3)), fontsize='small')  # as long as its axes are high
         ax2.set_xlabel('Time step'); ax2.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize='x-small', borderaxespad=0)
     return _finish(fig, path)
 
@@ -259,7 +262,7 @@ def plot_item_across_folds(recordings, # AttnRecordings (e.g. one per fold, load
                            head:int=None, # one head, or None for every head
                            layer:str=None, # layer name (default: the first recorded)
                            path=None)->plt.Figure:
-    "The same item side by side across folds or runs: rows are tags ('Fold 1, Batch 1'), columns are heads"
+    "The same item side by side across folds or runs: rows are tags ('Fold 1, Batch 1'), columns are heads; a signed (eRPE) map on a scale centred on 0"
     rows, labels, meta = [], [], None
     for rec in (recordings if isinstance(recordings, (list, tuple)) else [recordings]):
         name = layer or (rec.layers[0] if len(rec) else None)
@@ -269,5 +272,10 @@ def plot_item_across_folds(recordings, # AttnRecordings (e.g. one per fold, load
             rows.append(r['weights'].float()); labels.append(f"{tag}, Batch {r['batch']}"); meta = rec
     if not rows: raise ValueError(f"idx={idx} is in none of the recordings: record it in each run, e.g. AttnRecorder(idxs=[{idx}], tag='fold 1').")
     if len({tuple(w.shape) for w in rows}) > 1: raise ValueError("The recordings hold maps of different sizes: record them with the same max_len.")
-    return plot_head_grid(torch.stack(rows), heads=None if head is None else [head], head_labels=meta.heads, row_labels=labels,
-                          seq_len=meta.seq_len, suptitle=f'Item {idx} across runs', path=path)
+    w = torch.stack(rows)
+    signed = bool((w[torch.isfinite(w)] < 0).any())  # eRPE's bias can make the effective weights negative
+    label = ('attention: softmax + relative bias (eRPE)' if meta.meta.get('bias') else 'attention (softmax)') + \
+            (',\nsigned: below 0 where the bias outweighs the softmax' if signed else '')
+    return plot_head_grid(w, heads=None if head is None else [head], head_labels=meta.heads, row_labels=labels,
+                          seq_len=meta.seq_len, suptitle=f'Item {idx} across runs ({name})', path=path, cbar_label=label,
+                          diverging=signed, tokens=meta.tokens(name) if hasattr(meta, 'tokens') else None)
