@@ -17,7 +17,7 @@ from .checks import check_head, check_layer, check_idx, check_var, check_choice,
 from .data import target_info, item_title, decode_target, class_index
 from .recorder import AttnRecorder, _model_input
 from .recording import AttnRecording, PARTS
-from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, plot_attention_stats, _check_index, _finish, _steps, _wrap
+from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, plot_attention_stats, _finish, _steps, _wrap
 
 # %% auto #0
 __all__ = []

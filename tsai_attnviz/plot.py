@@ -155,7 +155,7 @@ def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l], or a l
     sel = torch.cat([x[[c for c in cols if c < len(x)]].flatten() for x in w])
     fin = sel[torch.isfinite(sel)]  # a map that is not finite (NaN input) is drawn blank and does not set the scale
     vmin, vmax = (fin.min().item(), fin.max().item()) if shared_scale and len(fin) else (None, None)
-    if diverging and vmin is not None: vmax = max(abs(vmin), abs(vmax)); vmin = -vmax  # 0 is white
+    if diverging and vmin is not None: vmax = max(abs(vmin), abs(vmax), 1e-12); vmin = -vmax  # 0 is white, also for a bias of zeros
     cmap = 'RdBu_r' if diverging else 'viridis'
     same = all(t == toks[0] for t in toks)  # rows over the same tokens share the bottom row's key axis
     for i in range(n):
