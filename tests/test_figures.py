@@ -245,3 +245,19 @@ def test_item_across_folds_reads(learners, arch):
     got += check(plot_item_across_folds(recs, idx=3, head=0), f'{arch}-folds-head')
     no_faults(got)
 
+
+def test_multitstplus_series_draws_the_variables_a_branch_sees(learners):
+    "MultiTSTPlus([3, 3]): the series view of the second branch's layer draws variables 3..5 of the input, and says so (issue 17 §11)"
+    learn = learners('MultiTSTPlus', 'classification')
+    rec = recorded(learn)
+    try:
+        names = list(dict.fromkeys(rec.recording.layers))
+        second = next(i for i, n in enumerate(names) if '.branches.1.' in n)
+        fig = learn.show_attention(view='series', idx=0, layer=second)
+        ax = fig.axes[0]
+        X, _, splits = _data('classification')
+        assert [l.get_label() for l in ax.lines] == ['var 3', 'var 4', 'var 5']
+        for l, v in zip(ax.lines, (3, 4, 5)): np.testing.assert_allclose(l.get_ydata(), X[splits[1][0], v], rtol=1e-6)  # no batch tfms
+        assert 'the layer sees variables 3, 4, 5 of 6' in ax.get_title() and f'{names[second]} (layer {second} of 4)' in ax.get_title()
+        no_faults(check(fig, 'MultiTSTPlus-classification-series-branch1'))
+    finally: learn.remove_cb(rec)

@@ -234,7 +234,7 @@ def _plain_output(learn):
     old = learn.logger
     def line(log):  # fastai's Recorder passes [epoch, train_loss, valid_loss, *metrics, time]
         names = learn.recorder.metric_names[1:]
-        vals = [f"{n} {v:.4g}" if isinstance(v, float) else f"{n} {v}" for n, v in zip(names, log[1:])]
+        vals = [f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}" for n, v in zip(names, log[1:])]
         print(f"epoch {log[0] + 1}/{learn.n_epoch}: " + ', '.join(vals), flush=True)
     learn.logger = line
     try:

@@ -108,13 +108,18 @@ def plot_attention_weights(attention_weights, # list (one per layer or forward) 
     w = attention_weights[layer_idx]
     _check_index('batch_idx', batch_idx, w.shape[0])
     _check_index('head_idx', head_idx, w.shape[1])
-    fig, ax = (plt.subplots(figsize=figsize, layout='constrained') if ax is None else (ax.figure, ax))  # room for a title of several lines
+    own = ax is None  # a figure of our own can be widened to its title
+    fig, ax = (plt.subplots(figsize=figsize, layout='constrained') if own else (ax.figure, ax))  # room for a title of several lines
     m = _t(w[batch_idx, head_idx])
     lim = _sym(m) if diverging else None
     im = _heatmap(ax, m, seq_len, *((-lim, lim) if diverging else (None, None)), cmap='RdBu_r' if diverging else 'viridis', tokens=tokens)
     w_in, h_in = fig.get_size_inches()
-    ax.set_title(_wrap(title or f'Layer {layer_idx}, Head {head_idx}, Sample {batch_idx} of the batch', _chars(w_in - 0.4, 12)),
-                 pad=10)  # batch_idx: a sample; pad: clear of the top tick labels, which stand half above the axes
+    title = title or f'Layer {layer_idx}, Head {head_idx}, Sample {batch_idx} of the batch'  # batch_idx: a sample
+    t = ax.set_title(title, pad=10)  # pad: clear of the top tick labels, which stand half above the axes
+    need = t.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi + 0.4  # inches the widest line takes
+    if need > w_in and own:
+        w_in = min(need, 10.); fig.set_figwidth(w_in)  # a figure of its own: as wide as its title, up to 10 inches
+    if need > w_in: t.set_text(_wrap(title, _chars(w_in - 0.4, 12)))  # past that: lines broken between the title's parts
     _label_map_axes(ax, tokens)
     fig.colorbar(im, ax=ax, label=_wrap(cbar_label, _chars(h_in - 1.2)))
     return _finish(fig, path)
