@@ -207,7 +207,7 @@ def plot_attention_over_series(x, # [c_in, L] the input as the model saw it
     else:
         if head not in labels: raise IndexError(f"head={head} is not recorded: heads are {labels}.")
         curve, what = a[labels.index(head)], f'head {head}'
-    if ax is None: fig, (ax, ax2) = plt.subplots(2, 1, figsize=figsize, sharex=True, height_ratios=(3, 1.3), layout='constrained')
+    if ax is None: fig, (ax, ax2) = plt.subplots(2, 1, figsize=figsize, sharex=True, height_ratios=(3, 1.5), layout='constrained')
     else: fig, ax2 = ax.figure, None
     t = np.arange(L)
     for c in range(x.shape[0]): ax.plot(t, x[c].numpy(), lw=1, label=var_names[c] if var_names else f'var {c}')
@@ -234,7 +234,7 @@ def plot_attention_over_series(x, # [c_in, L] the input as the model saw it
         top = max(c1, 0 if flat is None else flat.max().item())
         ax2.set_ylim(base, top + 0.08 * (top - base or 1))
         what0 = '(from 0)' if base == 0 else f'(from the minimum, {base:.3g}: values below 0 come from the bias)'
-        ax2.set_ylabel(_wrap(f'{quantity}\n{what0}', _chars(figsize[1] * 1.3 / 4.3 - 0.1, 8.3)), fontsize='small')  # as long as its axes are high
+        ax2.set_ylabel(_wrap(f'{quantity}\n{what0}', _chars(figsize[1] * 1.5 / 4.5 - 0.1, 8.3)), fontsize='small')  # as long as its axes are high
         ax2.set_xlabel('Time step'); ax2.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize='x-small', borderaxespad=0)
     return _finish(fig, path)
 
