@@ -116,10 +116,11 @@ def plot_attention_weights(attention_weights, # list (one per layer or forward) 
     w_in, h_in = fig.get_size_inches()
     title = title or f'Layer {layer_idx}, Head {head_idx}, Sample {batch_idx} of the batch'  # batch_idx: a sample
     t = ax.set_title(title, pad=10)  # pad: clear of the top tick labels, which stand half above the axes
-    need = t.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi + 0.4  # inches the widest line takes
+    # inches the widest line takes, and the room beside it: the title is centred on the axes, which the colour bar pushes left
+    need = t.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi + 2.2
     if need > w_in and own:
-        w_in = min(need, 10.); fig.set_figwidth(w_in)  # a figure of its own: as wide as its title, up to 10 inches
-    if need > w_in: t.set_text(_wrap(title, _chars(w_in - 0.4, 12)))  # past that: lines broken between the title's parts
+        w_in = min(need, 12.); fig.set_figwidth(w_in)  # a figure of its own: as wide as its title, up to 12 inches
+    if need > w_in: t.set_text(_wrap(title, _chars(w_in - 2.2, 12)))  # past that: lines broken between the title's parts
     _label_map_axes(ax, tokens)
     fig.colorbar(im, ax=ax, label=_wrap(cbar_label, _chars(h_in - 1.2)))
     return _finish(fig, path)
