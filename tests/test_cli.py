@@ -21,6 +21,10 @@ def test_demo_writes_the_files(demo):
     out, p = demo
     assert p.returncode == 0, p.stderr[-2000:]
     assert 'valid accuracy' in p.stdout
+    # stdout is a pipe here, as in a log or CI: one line per epoch, and no progress bar's redraws
+    assert [l.split(':')[0] for l in p.stdout.splitlines() if l.startswith('epoch ')] == ['epoch 1/2', 'epoch 2/2'], p.stdout
+    assert 'train_loss' in p.stdout and 'valid_loss' in p.stdout and 'accuracy' in p.stdout
+    assert '\r' not in p.stdout + p.stderr and '█' not in p.stdout + p.stderr and '100.00%' not in p.stdout + p.stderr
     for f in ['attention_grid.png', 'attention_head0.png', 'attention_class.png', 'recording.npz', 'learner.pkl', 'attention_report.html']:
         assert (out/f).stat().st_size > 1000, f
         assert str(out/f) in p.stdout, f  # says where each file went
@@ -53,7 +57,7 @@ def bad_cases(d):
     (d/'junk.npy').write_bytes(b'junk')
     return [('vars.npy', '--data has 4 variables (shape [6, 4, 100]); the model expects 6: [n_samples, 6, 100]'),
             ('len.npy', '--data has seq_len 90 (shape [6, 6, 90]); the model expects 100'),
-            ('str.npy', '--data has dtype <U1; expected numbers [n_samples, 6, 100]'),
+            ('str.npy', '--data has dtype <U1; expected numbers [n_samples, n_vars, seq_len]'),  # refused before the learner is loaded
             ('nan.npy', '--data has 1 NaN or inf values (first at [2, 1, 7])'),
             ('inf.npy', '--data has 1 NaN or inf values (first at [0, 0, 0])'),
             ('junk.npy', '--data: cannot read junk.npy as a numpy array'),
@@ -137,15 +141,16 @@ def test_demo_writes_the_parts_of_erpe_maps(demo):
 
 @pytest.mark.parametrize('arch', ['PatchTST', 'TSTPlus'])
 def test_demo_other_architectures(arch, tmp_path):
-    "A forecaster (PatchTST: the last fifth of each variable) and a classifier with several layers, and their exports through show"
+    "A forecaster (PatchTST: the last fifth of GunPoint) and a classifier with several layers, and their exports through show"
     p = run('demo', '--arch', arch, '--epochs', '1', '--out', tmp_path, '--no-html', '--export')
     assert p.returncode == 0, p.stderr[-2000:]
     assert ('valid MAE' if arch == 'PatchTST' else 'valid accuracy') in p.stdout and f'Trained {arch}' in p.stdout
+    if arch == 'PatchTST': assert "(predicting each variable's mean of its input: 1.022)" in p.stdout  # what it reached, against no model
     r = AttnRecording.load(tmp_path/'recording.npz')
     assert r.meta['arch'] == ('PatchTST' if arch == 'PatchTST' else 'TSTPlus') and len(set(r.layers)) == 2
-    if arch == 'PatchTST': assert r.meta['per_var'] and sorted(set(r.vars)) == list(range(6)) and r.records[0]['input'].shape == (6, 80)
+    if arch == 'PatchTST': assert r.meta['per_var'] and set(r.vars) <= {None, 0} and r.records[0]['input'].shape == (1, 120)  # univariate
     from tsai_attnviz.cli import load_dataset
-    Xd = load_dataset('BasicMotions')[0][:3, :, :80 if arch == 'PatchTST' else 100]
+    Xd = load_dataset('GunPoint')[0][:3, :, :120] if arch == 'PatchTST' else load_dataset('BasicMotions')[0][:3]
     np.save(tmp_path/'X.npy', Xd)
     q = run('show', tmp_path/'learner.pkl', '--data', tmp_path/'X.npy', '--out', tmp_path/'show', '--no-html')
     assert q.returncode == 0, q.stderr[-2000:]
@@ -158,3 +163,51 @@ def test_demo_refuses_bad_architecture_options(args, msg):
     p = run('demo', *args, '--epochs', '1')
     assert p.returncode == 2 and msg in p.stderr and p.stderr.count('\n') == 1, p.stderr
     assert 'Trained' not in p.stdout  # refused before any training
+
+def test_unwritable_out_is_one_line_before_any_work(demo, user_data, tmp_path):
+    "An --out that cannot be a folder: one line on stderr, exit 2, nothing trained or loaded (issue 17: a traceback and exit 1)"
+    (tmp_path/'file').write_text('x')
+    out, _ = demo
+    for args in (['demo', '--epochs', '1'], ['show', out/'learner.pkl', '--data', user_data/'X.npy']):
+        for bad in (tmp_path/'file', tmp_path/'file'/'sub'):
+            p = run(*args, '--out', bad)
+            assert p.returncode == 2 and p.stderr.startswith(f'tsai-attnviz: error: --out {bad}: ') and 'folder' in p.stderr, p.stderr
+            assert 'Traceback' not in p.stderr and p.stderr.strip().count('\n') == 0 and 'Trained' not in p.stdout, p.stderr
+
+PROBE = """
+import sys
+from tsai_attnviz.cli import main
+try: main(sys.argv[1:])
+except SystemExit as e: print(e.code, sorted(m for m in ('torch', 'tsai', 'fastai') if m in sys.modules))
+"""
+
+def test_options_and_paths_checked_before_torch(tmp_path):
+    "Each bad option or path is refused before torch, tsai or fastai is imported: a typo costs no import (12 s and 1 GB)"
+    (tmp_path/'file').write_text('x')
+    user_data = tmp_path; np.save(tmp_path/'X.npy', np.ones((6, 6, 100), dtype='float32'))
+    np.save(tmp_path/'nan.npy', np.full((2, 6, 100), np.nan)); np.save(tmp_path/'2d.npy', np.ones((2, 100)))
+    cases = [(['demo', '--dataset', 'ECG200'], 'is not bundled'), (['demo', '--arch', 'ResNet'], 'is not one the demo builds'),
+             (['demo', '--epochs', '0'], '--epochs 0'), (['demo', '--head', '-1'], '--head -1'),
+             (['demo', '--out', tmp_path/'file'/'x'], '--out'), (['show', tmp_path/'none.pkl', '--data', user_data/'X.npy'], 'no learner at'),
+             (['show', tmp_path/'file', '--data', tmp_path/'none.npy'], '--data: no file at'),
+             (['show', tmp_path/'file', '--data', tmp_path/'nan.npy'], '--data has 1200 NaN or inf values'),
+             (['show', tmp_path/'file', '--data', tmp_path/'2d.npy'], '--data has shape [2, 100]'),
+             (['show', tmp_path/'file', '--data', user_data/'X.npy', '--idxs', '6'], '--idxs [6] out of range: --data has 6 samples (0..5)'),
+             (['show', tmp_path/'file', '--data', user_data/'X.npy', '--out', tmp_path/'file'], 'is a file, not a folder')]
+    for argv, msg in cases:
+        p = subprocess.run([sys.executable, '-c', PROBE, *map(str, argv)], capture_output=True, text=True, timeout=120)
+        assert p.stdout.strip() == '2 []' and msg in p.stderr, (argv, p.stdout, p.stderr)
+
+def test_every_option_says_its_default():
+    "`demo -h` and `show -h`: every option has a help text, and it gives the default (or says it is required)"
+    from tsai_attnviz.cli import _parser, _Help
+    sub = next(a for a in _parser()._actions if a.dest == 'cmd')
+    for cmd, q in sub.choices.items():
+        fmt = _Help(prog=cmd)
+        for a in q._actions:
+            if a.dest == 'help': continue
+            h = fmt._get_help_string(a)
+            assert h and (not a.option_strings or 'default' in h or a.required and 'required' in h), (cmd, a.dest, h)
+    show = sub.choices['show']
+    fast = next(a for a in show._actions if a.dest == 'fast').help
+    assert 'train' not in fast, fast  # show trains nothing

