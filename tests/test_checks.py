@@ -44,3 +44,22 @@ def test_record_attention_checks_X(learn):
     with pytest.raises(ValueError, match=r'X has 1 NaN or inf values \(first at \[1, 0, 3\]\)'): learn.record_attention(X=x)
     with pytest.raises(ValueError, match='X has seq_len 20'): learn.record_attention(X=np.ones((2, 2, 20)))
     assert len(learn.record_attention(X=np.ones((3, 2, 24)).tolist())) == 3  # nested lists of numbers are data too
+
+@pytest.mark.parametrize('kw,err,msg', [
+    (dict(idx='0'), TypeError, "idx='0' is not a dataset index: use an int or a list of ints."),   # the same message as show_attention's
+    (dict(sample=[0, 'x']), TypeError, "is not a dataset index"),
+    (dict(aggregate='median'), ValueError, "aggregate='median' is not a kind of mean map: use one of 'mean', 'class', 'bins' or None."),
+    (dict(max_len=0), ValueError, 'max_len=0: use a positive number of cells a side'),
+    (dict(X=np.zeros((2, 3, 24))), ValueError, 'has 3 variables'),
+])
+def test_attention_report_says_what_is_wrong(learn, tmp_path, kw, err, msg):
+    "attention_report checks its arguments through the same module, before anything is recorded or written"
+    n = len(learn.attn_recorder.recording)
+    with pytest.raises(err, match=__import__('re').escape(msg)): learn.attention_report(tmp_path/'r.html', **kw)
+    assert not (tmp_path/'r.html').exists() and len(learn.attn_recorder.recording) == n
+
+def test_relevance_says_what_show_attention_says(learn):
+    "relevance takes head, layer and idx through the same checks: the same mistake, the same words"
+    with pytest.raises(TypeError, match="head='2' is not a head number: use an int in 0..7"): learn.relevance(head='2')
+    with pytest.raises(TypeError, match="idx='0' is not a dataset index"): learn.relevance(idx='0')
+    with pytest.raises(ValueError, match='has 3 variables'): learn.relevance(X=np.zeros((2, 3, 24)), method='occlusion')

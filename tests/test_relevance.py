@@ -179,7 +179,7 @@ def test_learner_errors(learner):
     with pytest.raises(ValueError, match='use one of'): learner.relevance(method='shap')
     with pytest.raises(ValueError, match='has 5 variables'): learner.relevance(X=np.zeros((2, 5, 100)))
     with pytest.raises(ValueError, match='seq_len 90'): learner.relevance(X=np.zeros((2, 6, 90)))
-    with pytest.raises(IndexError, match='head=8 but the layer has 8 heads'): learner.relevance(head=8)
+    with pytest.raises(IndexError, match='head=8 is out of range: the model has 8 heads'): learner.relevance(head=8)
     no_leftovers(learner.model)
 
 def test_restored_after_keyboard_interrupt(learner):

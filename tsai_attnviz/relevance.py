@@ -58,9 +58,9 @@ PARTS = ('effective', 'softmax')  # eRPE adds an input-independent bias after th
 TASKS = ('classification', 'multilabel', 'regression')
 
 def check_method(method:str):
-    "A `ValueError` listing the methods when `method` is not one of them"
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not a relevance method: use one of " + ', '.join(f"'{m}'" for m in METHODS) + '.')
+    "A `ValueError` listing the methods when `method` is not one of them (the package's one check, `tsai_attnviz.checks`)"
+    from tsai_attnviz.checks import check_method as _check
+    return _check(method, METHODS)
 
 # %% ../nbs/20_relevance.ipynb #2e1e0a10
 def _bind(layer, args, kwargs)->dict:
@@ -437,17 +437,15 @@ def model_relevance(model:nn.Module, # a model with supported attention layers (
 
 
 # %% ../nbs/20_relevance.ipynb #2e1e0a30
+from .checks import check_head, check_layer, check_idx
+
 def _is_int(v)->bool: return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 def _check_idx(idx, n:int, what:str)->list:
-    "Indices as a list of ints, or an error naming the range"
-    idx = listify(idx.tolist() if isinstance(idx, np.ndarray) else idx)
-    if not idx: raise ValueError(f"idx is empty: give one or more indices of {what} (0..{n - 1}).")
-    for i in idx:
-        if not _is_int(i): raise TypeError(f"idx={i!r} is not an index: pass an int or a list of ints in 0..{n - 1} ({what} has {n} items).")
-    bad = [int(i) for i in idx if not 0 <= i < n]
-    if bad: raise IndexError(f"idx={bad[0]} is out of range: {what} has {n} items (0..{n - 1}).")
-    return [int(i) for i in idx]
+    "Indices as a list of ints (the package's one check, `tsai_attnviz.checks.check_idx`), or an error naming the range"
+    if isinstance(idx, (list, tuple, np.ndarray)) and not len(idx):
+        raise ValueError(f"idx is empty: give one or more indices of {what} (0..{n - 1}).")
+    return listify(check_idx(idx, n, of=what))
 
 def _input_shape(model):
     "(c_in, seq_len) the model was built for, as its family tells, or None"
@@ -470,7 +468,6 @@ def check_relevance_args(model:nn.Module, # the model to explain
                          n_out:int=None, # regression: the model's number of outputs, when known
                         )->dict: # {'target': the class or output number to explain, or None}
     "Check `relevance`'s method, layer, head and target before any work: what was wrong, what is allowed, what to do"
-    if not isinstance(method, str): raise TypeError(f"method={method!r} is a {type(method).__name__}: pass one of " + ', '.join(map(repr, METHODS)) + '.')
     check_method(method)
     if method in MODEL_AGNOSTIC:
         if layer is not None or head is not None:
@@ -480,23 +477,13 @@ def check_relevance_args(model:nn.Module, # the model to explain
         layers = attention_layers(model)
         if not layers: adapters_for(model, f"relevance(method={method!r})")  # the error that names the supported families
         names = [n for n, _ in layers]
-        if layer is not None:
-            if isinstance(layer, str):
-                if layer not in names: raise ValueError(f"layer={layer!r} is not an attention layer of this model: they are {names}.")
-            elif not _is_int(layer):
-                raise TypeError(f"layer={layer!r} is a {type(layer).__name__}: pass a layer number in {-len(names)}..{len(names) - 1} or a name, one of {names}.")
-            elif not -len(names) <= layer < len(names):
-                raise IndexError(f"layer={layer} but the model has {len(names)} attention layers (0..{len(names) - 1}): {names}.")
+        if layer is not None: check_layer(layer, names, where='in the model')
         if head is not None:
             if method in ('rollout', 'grad_rollout'):
                 raise ValueError(f"{method} averages the heads of every layer: drop head=, or use 'attention', 'value_norm' or 'grad_attention'.")
             picked = layers if layer is None else [layers[names.index(layer)] if isinstance(layer, str) else layers[layer]]
             H = sorted({layer_adapter(m).n_heads(m) for _, m in picked})
-            what = 'the layer has' if len(picked) == 1 else "the model's attention layers have"
-            if not _is_int(head):
-                raise TypeError(f"head={head!r} is a {type(head).__name__}: pass a head number, an int in 0..{H[-1] - 1} "
-                                f"({what} {'/'.join(map(str, H))} heads), or None for the mean over heads.")
-            if not 0 <= head < H[-1]: raise IndexError(f"head={head} but {what} {'/'.join(map(str, H))} heads (0..{H[-1] - 1}).")
+            check_head(head, H[-1])
     info = info or dict(task='classification', vocab=None)
     if target is None: return dict(target=None)
     if info['task'] != 'regression': return dict(target=class_index(info, target))
@@ -583,18 +570,20 @@ def plot_relevance(x, # [c_in, L] or [L]: the input as the model saw it
     if len(axes) == 1:  # the curves alone, on the caller's axes
         for m, r in zip(methods, rel): axes[0].plot(t, r, lw=1.2, label=f'{m} ({UNITS.get(m, m)})'.replace('\n', ' '))
         axes[0].axhline(0, color='k', lw=0.8)
-        axes[0].set_xlabel('Time step'); axes[0].set_ylabel('relevance'); axes[0].legend(fontsize='small')
+        axes[0].set_xlabel('Time step'); axes[0].set_ylabel('relevance')
+        axes[0].legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize='x-small', borderaxespad=0)  # beside the curves, never on them
         if title: axes[0].set_title(title)
         return _finish(fig, path)
     for c in range(x.shape[0]): axes[0].plot(t, x[c], lw=1, label=var_names[c] if var_names else f'var {c}')
-    axes[0].set_ylabel('input value'); axes[0].legend(loc='upper right', fontsize='x-small', ncol=min(x.shape[0], 6))
+    axes[0].set_ylabel('input value')
+    axes[0].legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize='x-small', borderaxespad=0)  # beside the series, never on them
     axes[0].set_title(title or 'Relevance per time step' + (f' ({methods[0]})' if len(rel) == 1 else ''))
     for a, m, r in zip(axes[1:], methods, rel):
         a.fill_between(t, np.clip(r, 0, None), 0, color='tab:red', alpha=0.6, step='mid', lw=0, label='above 0')
         if (r < 0).any(): a.fill_between(t, np.clip(r, None, 0), 0, color='tab:blue', alpha=0.6, step='mid', lw=0, label='below 0')
         a.axhline(0, color='k', lw=0.8)
         a.set_ylabel(f'{m}\n({UNITS[m]})' if m in UNITS else m, fontsize='small')
-        if (r < 0).any(): a.legend(loc='upper right', fontsize='x-small')
+        if (r < 0).any(): a.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize='x-small', borderaxespad=0)
     axes[-1].set_xlabel('Time step')
     for a in axes: a.set_xlim(-0.5, L - 0.5)
     return _finish(fig, path)

@@ -480,6 +480,11 @@ def attention_report(self:Learner,
                      recorder=None, # the AttnRecorder (or AttnRecording) to report; None: the last AttnRecorder added to the Learner
                      **kwargs)->AttnReport: # passed to `AttnRecording.to_html` (title, var_names, ...)
     "An interactive attention report in one offline HTML file, from the last `AttnRecorder` added (or `recorder=`), or recorded on the spot"
+    from tsai_attnviz.checks import check_idx, check_choice  # the package's one argument check
+    idx, sample = check_idx(idx), check_idx(sample, what='sample', of='the batch')
+    aggregate = check_choice(aggregate, ('mean', 'class', 'bins'), 'aggregate', none_ok=True, noun='a kind of mean map')
+    if max_len is not None and not (isinstance(max_len, (int, np.integer)) and max_len >= 1):
+        raise ValueError(f"max_len={max_len!r}: use a positive number of cells a side (500 by default), or None for the maps as recorded.")
     rec = _recording(self, recorder, dl is not None or X is not None)
     if rec is None or (recorder is None and not len(rec)):
         sel = dict(idxs=listify(idx)) if idx is not None else dict(batches=[batch], samples=list(range(4)) if sample is None else listify(sample))
