@@ -34,3 +34,12 @@ for _m in pkgutil.iter_modules(_a.__path__):  # every family's classes (twins, a
 from .trackers import *  # TensorBoard / W&B logging of the probe (imports neither)
 from . import trackers as _tk
 __all__ = __all__ + _tk.__all__
+
+# %% ../nbs/99_all.ipynb #a9395e95
+from .checks import *  # the one argument check of every entry point
+from .export import *  # exportable: what learn.export() pickles, nothing of this package
+from .attributions import *  # Captum's attributions over time steps (Captum is imported when a method runs)
+from .planted import *  # a planted ground truth: planted_motifs
+from .faithfulness import *  # ROAD, average precision and precision at k against a ground truth
+from . import checks as _ck, export as _ex, attributions as _at, planted as _pl, faithfulness as _fa
+__all__ = __all__ + _ck.__all__ + _ex.__all__ + _at.__all__ + _pl.__all__ + _fa.__all__
