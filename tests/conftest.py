@@ -95,3 +95,18 @@ def hooked_attention(model, x, train, types):
         for h in hs: h.remove()
     return got
 
+def hand_convtran(model, x):
+    "Logits, effective matrix A (a leaf), softmax, value vectors of a one-layer eRPE ConvTranPlus: stock modules, attention by hand"
+    bb, a = model.backbone, model.backbone.attention_layer
+    z = bb.embed_layer2(bb.embed_layer(x.unsqueeze(1))).squeeze(2).permute(0, 2, 1)   # [bs, L, d]
+    zp = bb.abs_position(z)
+    bs, L, d = zp.shape
+    q, k, v = [lin(zp).reshape(bs, L, a.n_heads, -1).transpose(1, 2) for lin in (a.query, a.key, a.value)]
+    sm = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, -1)                          # [bs, H, L, L]
+    i = torch.arange(L, device=x.device)
+    bias = a.relative_bias_table[i[:, None] - i[None, :] + L - 1].permute(2, 0, 1)      # [H, L, L]
+    A = (sm + bias).detach().requires_grad_()
+    o = a.to_out((A @ v).transpose(1, 2).reshape(bs, L, d))
+    att = bb.LayerNorm(z + o)
+    out = bb.LayerNorm2(att + bb.FeedForward(att)).permute(0, 2, 1)
+    return model.head(out), A, sm.detach(), v.detach()

@@ -6,23 +6,7 @@ from tsai.models.TST import TST, _MultiHeadAttention
 from tsai_attnviz.relevance import METHODS, model_relevance, attention_rollout, fill_steps, plot_relevance
 from tsai_attnviz.arch import ADAPTERS
 from tsai_attnviz.arch.convtranplus import ConvTranPlusWithAttn
-from conftest import make_learner, no_leftovers
-
-def hand_convtran(model, x):
-    "Logits, effective matrix A (a leaf), softmax, value vectors of a one-layer eRPE ConvTranPlus: stock modules, attention by hand"
-    bb, a = model.backbone, model.backbone.attention_layer
-    z = bb.embed_layer2(bb.embed_layer(x.unsqueeze(1))).squeeze(2).permute(0, 2, 1)   # [bs, L, d]
-    zp = bb.abs_position(z)
-    bs, L, d = zp.shape
-    q, k, v = [lin(zp).reshape(bs, L, a.n_heads, -1).transpose(1, 2) for lin in (a.query, a.key, a.value)]
-    sm = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, -1)                          # [bs, H, L, L]
-    i = torch.arange(L)
-    bias = a.relative_bias_table[i[:, None] - i[None, :] + L - 1].permute(2, 0, 1)      # [H, L, L]
-    A = (sm + bias).detach().requires_grad_()
-    o = a.to_out((A @ v).transpose(1, 2).reshape(bs, L, d))
-    att = bb.LayerNorm(z + o)
-    out = bb.LayerNorm2(att + bb.FeedForward(att)).permute(0, 2, 1)
-    return model.head(out), A, sm.detach(), v.detach()
+from conftest import make_learner, no_leftovers, hand_convtran
 
 def toy_convtran(n_heads, c_out=3, seed=0):
     torch.manual_seed(seed)

@@ -12,7 +12,7 @@ from tsai_attnviz.all import *
 from tsai_attnviz.arch import attention_layers, tokens_of
 from tsai_attnviz.arch.tstplus import TSTPLUS
 from tsai_attnviz.relevance import model_relevance
-from conftest import no_leftovers
+from conftest import no_leftovers, hand_convtran
 
 
 # -- TSTPlus token spans when tsai pads more on the right than on the left ---------------------------------------------
@@ -73,25 +73,9 @@ def test_multitstplus_variables_of_unequal_groups():
 
 
 # -- relevance(target=...) for a class no item is predicted as -----------------------------------------------------------
-def hand_convtran(model, x):
-    "Logits and effective matrix A (a leaf) of a one-layer eRPE ConvTranPlus: stock modules, the attention by hand"
-    bb, a = model.backbone, model.backbone.attention_layer
-    z = bb.embed_layer2(bb.embed_layer(x.unsqueeze(1))).squeeze(2).permute(0, 2, 1)    # [bs, L, d]
-    zp = bb.abs_position(z)
-    bs, L, d = zp.shape
-    q, k, v = [lin(zp).reshape(bs, L, a.n_heads, -1).transpose(1, 2) for lin in (a.query, a.key, a.value)]
-    sm = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, -1)                           # [bs, H, L, L]
-    i = torch.arange(L, device=x.device)
-    bias = a.relative_bias_table[i[:, None] - i[None, :] + L - 1].permute(2, 0, 1)       # [H, L, L]
-    A = (sm + bias).detach().requires_grad_()
-    o = a.to_out((A @ v).transpose(1, 2).reshape(bs, L, d))
-    att = bb.LayerNorm(z + o)
-    out = bb.LayerNorm2(att + bb.FeedForward(att)).permute(0, 2, 1)
-    return model.head(out), A
-
 def grad_attention_by_hand(model, x, target):
     "(A ⊙ ∂logit_target/∂A)⁺, mean over heads and queries [bs, L], and the predicted classes; no parameter's .grad touched"
-    logits, A = hand_convtran(model, x)
+    logits, A, _, _ = hand_convtran(model, x)
     with torch.no_grad(): torch.testing.assert_close(logits, model(x), rtol=1e-4, atol=1e-5)  # the hand forward is the stock one
     g, = torch.autograd.grad(logits[:, target].sum(), A)
     return (A.detach() * g).clamp(min=0).mean((1, 2)).cpu().numpy(), logits.argmax(1)
