@@ -301,7 +301,7 @@ def _parser():
     d.add_argument('--max-classes', type=int, default=6,
                    help='items shown: one per class, at most this many; per-class mean maps up to this many classes')
     d.add_argument('--export', action='store_true', help='also write learner.pkl (learn.export) to --out')
-    d.add_argument('--tensorboard', metavar='DIR', help='also log losses and, each epoch, the attention of one item per class to a TensorBoard log in DIR')
+    d.add_argument('--tensorboard', metavar='DIR', help='also log losses and, before training and after each epoch, the attention of one item per class to a TensorBoard log in DIR (default: none)')
     d.add_argument('--fast', action='store_true', help='fused attention (fast_attention): no L x L map is built in training or '
                    'prediction (PigCVP trains on 2 cores); recorded maps are still computed exactly. ConvTranPlus only')
     s = sub.add_parser('show', formatter_class=_Help, help="the same figures for your exported learner (learn.export()) and data")
