@@ -49,7 +49,8 @@ def _entropy(sm:torch.Tensor, logits:torch.Tensor=None,
     # No log over L² cells: two maxima and one batched dot product. Masked keys (-inf scores, p = 0) add nothing.
     top = logits.amax(-1)  # the largest score of each row (a kept key's: masked ones are -inf)
     if masked and not torch.isfinite(logits).all(): logits = logits.masked_fill(sm == 0, 0)  # 0 · -inf would be NaN
-    return top - sm.amax(-1).log() - torch.einsum('...qk,...qk->...q', sm, logits)
+    # vecdot: one pass and no intermediate; einsum here is a batch of 1×L by L×1 products, about 4x slower on CPU
+    return top - sm.amax(-1).log() - torch.linalg.vecdot(sm, logits)
 
 # %% ../nbs/01_reduce.ipynb #773591f0
 class MapReducer:
