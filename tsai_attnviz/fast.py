@@ -102,18 +102,18 @@ class _Fused(AttnPublisher):
     def _bias_rows(self, q0, q1): return None  # [H, q1-q0, L] rows of a bias added after the softmax
 
     def _record(self, q, k):
-        "Publish the maps of the samples the consumers want, one sample and one chunk of query rows at a time"
+        "Publish the maps of the samples the consumers want, all of them a chunk of query rows at a time (about CHUNK elements)"
         bs, _, L, _ = q.shape
         want = self._begin(bs)
         if not want: return
-        c = self._rows(1, L)
+        c = self._rows(len(want), L)
         with torch.no_grad():
-            for p in want:
-                qp, kp = q[p:p+1].detach(), k[p:p+1].detach()
-                for q0 in range(0, L, c):
-                    q1 = min(q0 + c, L)
-                    logits = self._scores(qp, kp, q0, q1)                          # [1, H, c, L]
-                    self._publish(F.softmax(logits, dim=-1), self._bias_rows(q0, q1), logits, [p], q0, L, masked=False)
+            # one chunk of rows for every wanted sample at once: the bias rows are built once a chunk, not once a sample
+            qw, kw = (t.detach() if len(want) == bs else t.detach()[want] for t in (q, k))     # [n, H, L, d_head]
+            for q0 in range(0, L, c):
+                q1 = min(q0 + c, L)
+                logits = self._scores(qw, kw, q0, q1)                                         # [n, H, c, L]
+                self._publish(F.softmax(logits, dim=-1), self._bias_rows(q0, q1), logits, want, q0, L, masked=False)
 
     def _out(self, out): # [bs, H, L, d_head]
         "Join the heads and normalise, as the stock layers do"

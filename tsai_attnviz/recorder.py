@@ -321,7 +321,7 @@ class AttnRecorder(MeanMaps, Probe, AttnConsumer, Callback):
                 if p not in fwd['open']: continue
                 red, rec, didx = fwd['open'][p]
                 lg = logits[i, hs].detach() if rec and logits is not None else None
-                red.add(softmax[i, hs].detach(), q0, lg, b)                                 # [H, c, L]
+                red.add(softmax[i, hs].detach(), q0, lg, b, chunk.masked)                                # [H, c, L]
                 if not red.done: continue
                 del fwd['open'][p]
                 out = red.result(fwd['bias'])  # full map (k=1) or block means, key means: of the softmax plus the bias
