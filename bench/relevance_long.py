@@ -13,6 +13,9 @@ The target (issue 17): one item with `fast_attention` in ≤ 60 s and ≤ 2 GB p
 import argparse, json, os, subprocess, sys, time
 
 METHODS = ('attention', 'value_norm', 'grad_attention', 'rollout', 'occlusion')
+# Captum's, with their defaults; feature_ablation's default ablates each of the 3 × 3000 values alone (9000 forwards an
+# item): pass it a feature_mask of windows instead, as bench/faithfulness.py does
+CAPTUM = ('integrated_gradients', 'saliency', 'input_x_gradient', 'gradient_shap', 'grad_rollout')
 TARGET_S, TARGET_MB = 60, 2048
 
 WORKER = r"""
@@ -49,12 +52,13 @@ def run(kind, method, L, timeout):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--L', type=int, default=3000, help='seq_len (default: 3000, the users\')')
-    ap.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS, help='methods to run (default: all five)')
+    ap.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS + CAPTUM, help='methods to run (default: the five above)')
+    ap.add_argument('--kinds', nargs='+', default=['stock', 'fused'], choices=('stock', 'fused'), help='layers (default: both)')
     ap.add_argument('--timeout', type=int, default=900, help='seconds one configuration may take (default: 900)')
     a = ap.parse_args()
     rows, t0 = [], time.perf_counter()
     for method in a.methods:
-        for kind in ('stock', 'fused'):
+        for kind in a.kinds:
             r = run(kind, method, a.L, a.timeout)
             rows.append(r)
             print(f"  {kind:5} {method:14} " + (f"{r['s']:7.1f} s {r['peak_mb']:8.0f} MB" if 'error' not in r else r['error']), flush=True)
@@ -63,8 +67,9 @@ def main():
     print('| method | stock: time | stock: peak RSS | fused: time | fused: peak RSS | fused / stock time | fused: of the target (60 s, 2 GB) |')
     print('|---|---:|---:|---:|---:|---:|---:|')
     by = {(r['kind'], r['method']): r for r in rows}
+    none = dict(error='not run')
     for method in a.methods:
-        s, f = by[('stock', method)], by[('fused', method)]
+        s, f = by.get(('stock', method), none), by.get(('fused', method), none)
         cell = lambda r: (f"{r['s']:.1f} s", f"{r['peak_mb']:.0f} MB") if 'error' not in r else (r['error'], '')
         ratio = f"{f['s'] / s['s']:.2f}×" if 'error' not in s and 'error' not in f else ''
         target = f"{f['s'] / TARGET_S:.2f} · {f['peak_mb'] / TARGET_MB:.2f}" if 'error' not in f else ''
