@@ -34,9 +34,11 @@ def expected_scalars(rec, epoch):
     assert sorted(set(d.idx)) == PROBE
     return {f'attention/{LAYER}/{s}/head_{h}': d[d['head'] == h][s].agg(COMBINE[s]) for s in LOGGED for h in range(8)}
 
-def expected_px(n_rows, n_heads=8, panel=2.2, dpi=100):
-    "(width, height) in pixels of a head grid: plot_head_grid's figure is (panel·heads + 1) × (panel·rows + 0.6) inches"
-    return round((panel * n_heads + 1) * dpi), round((panel * n_rows + 0.6) * dpi)
+def grid_px(size, n_rows, n_heads=8, panel=2.2, dpi=100)->bool:
+    """Whether (width, height) in pixels is a head grid of n_rows × n_heads: plot_head_grid gives each cell panel × panel inches,
+    plus room for the row labels and the colour bar (width) and the titles (height), which depend on the labels' lengths"""
+    w, h = size
+    return panel * n_heads * dpi <= w <= (panel * n_heads + 4) * dpi and panel * n_rows * dpi <= h <= (panel * n_rows + 1.5) * dpi
 
 # -- nothing without the extra ---------------------------------------------------------------
 def test_nothing_imported_without_a_tracker():
@@ -97,7 +99,7 @@ def test_tensorboard_event_file_holds_figures_and_stats(tb_run):
     assert [i.step for i in ims] == [0, 1, 2, 3]  # before training and after each of the 3 epochs
     for i in ims:
         png = Image.open(io.BytesIO(i.encoded_image_string))
-        assert png.size == (i.width, i.height) == expected_px(len(PROBE))  # 3 probe items × 8 heads
+        assert png.size == (i.width, i.height) and grid_px(png.size, len(PROBE))  # 3 probe items × 8 heads
     assert len({i.encoded_image_string for i in ims}) == 4  # the maps change as training proceeds
     tags = [t for t in ea.Tags()['scalars'] if t.startswith('attention/')]
     assert len(tags) == len(LOGGED) * 8
@@ -128,7 +130,7 @@ def test_cli_demo_tensorboard(tmp_path):
     ea = event_file(tmp_path/'tb')
     ims = ea.Images(f'attention/{LAYER}')
     assert [i.step for i in ims] == [0, 1, 2, 3]
-    assert (ims[0].width, ims[0].height) == expected_px(4)  # one item per class of BasicMotions' 4
+    assert grid_px((ims[0].width, ims[0].height), 4)  # one item per class of BasicMotions' 4
     assert len([t for t in ea.Tags()['scalars'] if t.startswith('attention/')]) == len(LOGGED) * 8
     assert len(ea.Scalars('train_loss')) > 0
 
@@ -173,7 +175,7 @@ def test_wandb_run_offline(bm_data, offline):
         im = r[f'attention/{LAYER}/path']
         assert r[f'attention/{LAYER}/_type'] == 'image-file'
         png = Image.open(run_dir/'files'/im)
-        assert png.size == (r[f'attention/{LAYER}/width'], r[f'attention/{LAYER}/height']) == expected_px(len(PROBE))
+        assert png.size == (r[f'attention/{LAYER}/width'], r[f'attention/{LAYER}/height']) and grid_px(png.size, len(PROBE))
 
 def test_wandb_callback_offline(bm_data, offline, monkeypatch):
     "Beside fastai's WandbCallback the probe joins the callback's steps (one per batch) instead of adding its own"
