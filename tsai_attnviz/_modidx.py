@@ -585,6 +585,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                         'tsai_attnviz.relevance._pick_layer': ('relevance.html#_pick_layer', 'tsai_attnviz/relevance.py'),
                                         'tsai_attnviz.relevance._prob': ('relevance.html#_prob', 'tsai_attnviz/relevance.py'),
                                         'tsai_attnviz.relevance._score': ('relevance.html#_score', 'tsai_attnviz/relevance.py'),
+                                        'tsai_attnviz.relevance._square_maps': ('relevance.html#_square_maps', 'tsai_attnviz/relevance.py'),
                                         'tsai_attnviz.relevance._stacked': ('relevance.html#_stacked', 'tsai_attnviz/relevance.py'),
                                         'tsai_attnviz.relevance._windows': ('relevance.html#_windows', 'tsai_attnviz/relevance.py'),
                                         'tsai_attnviz.relevance.attention_rollout': ( 'relevance.html#attention_rollout',

@@ -130,34 +130,37 @@ def value_vectors(layer:nn.Module, # an attention layer, stock or swapped
                      f"{', '.join(c.__name__ for cs in VALUE_F for c in cs)}. Use method='attention' or 'grad_attention'.")
 
 # %% ../nbs/20_relevance.ipynb #2e1e0a14
+def _square_maps(maps, who:str): # each layer's [..., L, L] as float64
+    "The layers' maps in order, checked to be square and of one size (what a rollout multiplies)"
+    shapes, out = [list(torch.as_tensor(m).shape) for m in maps], []
+    for A in maps:
+        A = torch.as_tensor(A).double()
+        if A.shape[-1] != A.shape[-2] or (out and A.shape != out[0].shape):
+            raise ValueError(f"{who} multiplies square maps of one size, one per layer; got shapes {shapes}.")
+        out.append(A)
+    if not out: raise ValueError(f"{who} needs at least one layer's map.")
+    return out
+
 def attention_rollout(maps, # layers in forward order, each [..., L, L] (heads already averaged)
                      )->torch.Tensor: # [..., L, L]: row i, how much each input token flows into token i of the last layer
     "Attention rollout (Abnar & Zuidema 2020): R = Â_last ··· Â_first with Â = rownorm(½·A + ½·I); one layer: rownorm(½·A + ½·I)"
-    R, shapes = None, [list(torch.as_tensor(m).shape) for m in maps]
-    for A in maps:
-        A = torch.as_tensor(A).double()
-        if A.shape[-1] != A.shape[-2] or (R is not None and A.shape != R.shape):
-            raise ValueError(f"rollout multiplies square maps of one size, one per layer; got shapes {shapes}.")
+    R = None
+    for A in _square_maps(maps, 'rollout'):
         A = 0.5 * A + 0.5 * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
         s = A.sum(-1, keepdim=True)                                                    # [..., L, 1]
         if (s <= 0).any(): raise ValueError("rollout: a row of ½·A + ½·I sums to ≤ 0 (eRPE's bias is negative there): "
                                             "use part='softmax'.")
         R = A / s if R is None else (A / s) @ R
-    if R is None: raise ValueError("rollout needs at least one layer's map.")
     return R.float()
 
 # %% ../nbs/20_relevance.ipynb #3bc9f0a9
 def grad_rollout(maps, # layers in forward order, each [..., L, L]: Ā_l = E_h[(A_l ⊙ ∂y/∂A_l)⁺], heads already averaged
                 )->torch.Tensor: # [..., L, L]: R − I, how much each input token's relevance reaches token i of the last layer
     "Chefer et al. (2021)'s relevance propagation across self-attention layers: R = I, then R = R + Ā_l·R for each layer; R − I"
-    R, shapes = None, [list(torch.as_tensor(m).shape) for m in maps]
-    for A in maps:
-        A = torch.as_tensor(A).double()
-        if A.shape[-1] != A.shape[-2] or (R is not None and A.shape != R.shape):
-            raise ValueError(f"grad_rollout multiplies square maps of one size, one per layer; got shapes {shapes}.")
+    R = None
+    for A in _square_maps(maps, 'grad_rollout'):
         if R is None: R = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
         R = R + A @ R
-    if R is None: raise ValueError("grad_rollout needs at least one layer's map.")
     return (R - torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)).float()
 
 # %% ../nbs/20_relevance.ipynb #2e1e0a17
