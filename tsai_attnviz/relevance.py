@@ -53,7 +53,8 @@ METHODS = dict(
     feature_ablation="Captum's FeatureAblation: the drop of the output when each value (or each group of `feature_mask`) is set to 0",
 )  # method -> what it measures
 GRAD_METHODS = ('grad_attention', 'grad_rollout')  # read the gradient of the prediction with respect to the maps
-MODEL_AGNOSTIC = ('occlusion', 'integrated_gradients', 'saliency', 'input_x_gradient', 'gradient_shap', 'feature_ablation')  # read no attention
+from .attributions import CAPTUM_METHODS
+MODEL_AGNOSTIC = ('occlusion',) + tuple(CAPTUM_METHODS)  # read no attention: occlusion and Captum's methods
 PARTS = ('effective', 'softmax')  # eRPE adds an input-independent bias after the softmax: 'effective' includes it
 TASKS = ('classification', 'multilabel', 'regression')
 
