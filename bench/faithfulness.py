@@ -33,9 +33,9 @@ from tsai.basics import TSClassifier, TSClassification, TSStandardize, set_seed
 from tsai.models.ConvTranPlus import ConvTranPlus
 from tsai.models.TST import TST
 from tsai_attnviz.cli import load_dataset
-from tsai_attnviz.relevance import model_relevance, fill_steps
-from tsai_attnviz.attributions import captum_relevance, CAPTUM_METHODS
-from tsai_attnviz.faithfulness import road
+from tsai_attnviz.explain.relevance import model_relevance, fill_steps
+from tsai_attnviz.explain.attributions import captum_relevance, CAPTUM_METHODS
+from tsai_attnviz.explain.faithfulness import road
 from tsai_attnviz.arch import ADAPTERS
 
 KS = (5, 10, 20, 30, 40, 50)  # % of time steps deleted / inserted

@@ -31,7 +31,7 @@ def _model(kind, seq_len, rel='eRPE'):
     import torch
     from tsai.models.ConvTranPlus import ConvTranPlus
     from tsai_attnviz.arch import swap_attention
-    from tsai_attnviz.fast import fast_attention
+    from tsai_attnviz.arch.convtranplus_fast import fast_attention
     torch.manual_seed(0)
     m = ConvTranPlus(3, 1, seq_len, d_model=16, n_heads=8, dim_ff=256, abs_pos_encode='tAPE', rel_pos_encode=rel)
     if rel == 'eRPE': torch.nn.init.normal_(m.backbone.attention_layer.relative_bias_table, std=0.02)  # stock starts at 0
@@ -47,7 +47,7 @@ def worker(kind, mode, seq_len, bs, n_batches, device, rel='eRPE'):
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
     from fastai.callback.core import Callback, CancelValidException
-    from tsai_attnviz.recorder import AttnRecorder
+    from tsai_attnviz.record.recorder import AttnRecorder
     dev = torch.device(device)
     X, _ = data(seq_len, bs * n_batches)
     ds = [(torch.from_numpy(x), torch.zeros(1)) for x in X]
@@ -82,7 +82,7 @@ def tolerance(rel, dtype, seq_len, bs, device):
     "One process: outputs and gradients of the fused model under `dtype` against the stock model's in float32 and in `dtype`"
     import warnings; warnings.filterwarnings('ignore')
     import copy, torch, torch.nn.functional as F
-    from tsai_attnviz.fast import fast_attention
+    from tsai_attnviz.arch.convtranplus_fast import fast_attention
     dev = torch.device(device)
     X, _ = data(seq_len, bs)
     x, y = torch.from_numpy(X).to(dev), torch.randn(bs, 1, device=dev)

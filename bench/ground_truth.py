@@ -1,6 +1,6 @@
 """Relevance against a planted ground truth, with ROAD and Captum's metrics: which method finds the steps that decide.
 
-A synthetic set (tsai_attnviz.planted: each item's class set by a motif planted at a random window of 2 of 3
+A synthetic set (tsai_attnviz.explain.planted: each item's class set by a motif planted at a random window of 2 of 3
 variables, in noise) is learnt by ConvTranPlus (tsai's defaults: d_model=16, 8 heads, eRPE: the users' shape at a length
 that trains in minutes), TSTPlus and PatchTST (a forecaster in tsai: here its per-variable outputs averaged into class
 logits). For every validation item and relevance method (the attention-based ones, occlusion, and Captum's integrated
@@ -28,10 +28,10 @@ from tsai.basics import TSClassifier, TSClassification, set_seed, get_splits
 from tsai.models.ConvTranPlus import ConvTranPlus
 from tsai.models.TSTPlus import TSTPlus
 from tsai.models.PatchTST import PatchTST
-from tsai_attnviz.planted import planted_motifs
-from tsai_attnviz.faithfulness import average_precision, precision_at_k, road
-from tsai_attnviz.relevance import model_relevance
-from tsai_attnviz.attributions import captum_relevance, CAPTUM_METHODS
+from tsai_attnviz.explain.planted import planted_motifs
+from tsai_attnviz.explain.faithfulness import average_precision, precision_at_k, road
+from tsai_attnviz.explain.relevance import model_relevance
+from tsai_attnviz.explain.attributions import captum_relevance, CAPTUM_METHODS
 from tsai_attnviz.arch import attention_layers
 
 class _NoValid(Callback):

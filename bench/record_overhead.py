@@ -47,7 +47,7 @@ def worker(kind, seq_len, bs, n_batches, device='cpu'):
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
     from tsai.models.ConvTranPlus import ConvTranPlus
-    from tsai_attnviz.recorder import AttnRecorder
+    from tsai_attnviz.record.recorder import AttnRecorder
     torch.manual_seed(0)
     X, _ = data(seq_len, bs * n_batches)
     model = ConvTranPlus(3, 1, seq_len, d_model=16, n_heads=8, dim_ff=256, abs_pos_encode='tAPE', rel_pos_encode='eRPE')
@@ -76,7 +76,7 @@ def worker(kind, seq_len, bs, n_batches, device='cpu'):
 def draw_time(seq_len=3000, repeats=3):
     "Seconds to draw and save an 8-head grid of seq_len × seq_len maps (median)"
     import tempfile, torch, matplotlib; matplotlib.use('Agg')
-    from tsai_attnviz.plot import plot_head_grid
+    from tsai_attnviz.show.plot import plot_head_grid
     w = torch.rand(1, 8, seq_len, seq_len)
     ts = []
     with tempfile.TemporaryDirectory() as d:

@@ -34,8 +34,8 @@ def worker(kind, seq_len, bs, n_batches, device, profile):
     "One process: time `n_batches` batches after a warm-up one; print a JSON line"
     import warnings; warnings.filterwarnings('ignore')
     import torch
-    from tsai_attnviz.recorder import AttnRecorder
-    from tsai_attnviz.fast import fast_attention
+    from tsai_attnviz.record.recorder import AttnRecorder
+    from tsai_attnviz.arch.convtranplus_fast import fast_attention
     learn, _ = _learner(seq_len, bs * n_batches, bs, device)
     if kind == 'fused': fast_attention(learn.model)
     rec = lambda: [AttnRecorder(batches=None, max_len=256, aggregate='class')] if kind != 'stock' else []

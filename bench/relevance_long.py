@@ -22,8 +22,8 @@ WORKER = r"""
 import gc, json, resource, sys, time
 import psutil, torch
 from tsai.models.ConvTranPlus import ConvTranPlus
-from tsai_attnviz.relevance import model_relevance, _windows
-from tsai_attnviz.fast import fast_attention
+from tsai_attnviz.explain.relevance import model_relevance, _windows
+from tsai_attnviz.arch.convtranplus_fast import fast_attention
 kind, method, L = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.manual_seed(0)
 model = ConvTranPlus(3, 1, L, d_model=16, n_heads=8).eval()

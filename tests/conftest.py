@@ -6,7 +6,7 @@ import pytest, torch
 from tsai.basics import TSClassifier, TSClassification, TSStandardize, accuracy, set_seed
 from tsai.models.ConvTranPlus import ConvTranPlus
 from tsai_attnviz.cli import load_dataset
-from tsai_attnviz.stream import AttnConsumer, attached
+from tsai_attnviz.core.stream import AttnConsumer, attached
 
 warnings.filterwarnings('ignore', category=UserWarning, module='torch')
 
@@ -69,7 +69,7 @@ def listen(model, fn, want=None, layers=None):
 def no_leftovers(model):
     "The model's attention layers are stock tsai classes, with no consumer and no hook"
     from tsai_attnviz.arch import attention_layers
-    from tsai_attnviz.stream import _STREAM_STATE
+    from tsai_attnviz.core.stream import _STREAM_STATE
     for _, m in attention_layers(model):
         assert not type(m).__name__.endswith('_With_Weights'), type(m)
         assert not any(k in m.__dict__ for k in _STREAM_STATE + ('receiver',)), m.__dict__.keys()

@@ -7,7 +7,7 @@ from tsai.models.TSPerceiver import TSPerceiver, Attention, ScaledDotProductAtte
 from tsai_attnviz.arch import swap_attention, unswap_attention, attention_layers, adapter_for, tokens_of, probe_spans
 from tsai_attnviz.arch.perceiver import TSPerceiverAttention_With_Weights, TSPERCEIVER
 from conftest import make_learner, no_leftovers, weighted_sum
-from tsai_attnviz.stream import AttnConsumer, attached
+from tsai_attnviz.core.stream import AttnConsumer, attached
 from contextlib import nullcontext
 
 
@@ -163,8 +163,8 @@ def perceiver_learner(bm_data):
 
 def test_learner_records_and_draws(perceiver_learner, tmp_path):
     "Records of each call, the cross-attention's [H, n_latents, seq_len], equal to stock's maps of the inputs recorded"
-    from tsai_attnviz.recorder import AttnRecorder
-    import tsai_attnviz.learner  # noqa: F401  (Learner.show_attention)
+    from tsai_attnviz.record.recorder import AttnRecorder
+    import tsai_attnviz.show.learner  # noqa: F401  (Learner.show_attention)
     learn = perceiver_learner
     stock = copy.deepcopy(learn.model).cpu()
     learn.add_cb(AttnRecorder(max_len=None))
@@ -193,8 +193,8 @@ def test_learner_records_and_draws(perceiver_learner, tmp_path):
     assert b'tsai_attnviz' not in (tmp_path/'learner.pkl').read_bytes()
 
 def test_learner_draws_a_layer_with_more_heads_than_the_first(perceiver_learner):
-    from tsai_attnviz.recorder import AttnRecorder
-    import tsai_attnviz.learner  # noqa: F401
+    from tsai_attnviz.record.recorder import AttnRecorder
+    import tsai_attnviz.show.learner  # noqa: F401
     learn = perceiver_learner
     learn.add_cb(AttnRecorder(max_len=None))
     try:

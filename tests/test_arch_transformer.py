@@ -8,7 +8,7 @@ from tsai.models.TransformerRNNPlus import TransformerRNNPlus, TransformerLSTMPl
 from tsai_attnviz.arch import swap_attention, unswap_attention, attention_layers, adapter_for, tokens_of, probe_spans
 from tsai_attnviz.arch.transformer import TransformerEncoderLayer_With_Weights, TRANSFORMER
 from conftest import make_learner, no_leftovers, weighted_sum
-from tsai_attnviz.stream import AttnConsumer, attached
+from tsai_attnviz.core.stream import AttnConsumer, attached
 from contextlib import nullcontext
 
 
@@ -219,8 +219,8 @@ def test_transformer_rnn_plus_refused(arch):
 # -- a real Learner ---------------------------------------------------------------------------------------------------------
 def test_learner_records_and_draws(bm_data, tmp_path):
     "A TransformerModel Learner on BasicMotions: recorded maps equal torch's MultiheadAttention on the inputs recorded"
-    from tsai_attnviz.recorder import AttnRecorder
-    import tsai_attnviz.learner  # noqa: F401  (Learner.show_attention)
+    from tsai_attnviz.record.recorder import AttnRecorder
+    import tsai_attnviz.show.learner  # noqa: F401  (Learner.show_attention)
     X, y, splits = bm_data
     learn = make_learner(X, y, splits, arch=TransformerModel, arch_config=dict(d_model=16, n_head=2, d_ffn=32, n_layers=2))
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 1e-3)

@@ -4,8 +4,8 @@ import numpy as np, torch, torch.nn as nn
 import pytest
 from captum.attr import Occlusion, IntegratedGradients, Saliency
 from tsai.models.ConvTranPlus import ConvTranPlus
-from tsai_attnviz.relevance import model_relevance
-from tsai_attnviz.attributions import captum_relevance
+from tsai_attnviz.explain.relevance import model_relevance
+from tsai_attnviz.explain.attributions import captum_relevance
 
 @pytest.fixture(scope='module')
 def model():

@@ -1,4 +1,4 @@
-"Issue 17 §7: every entry point checks its arguments through `tsai_attnviz.checks`, with the same message for the same mistake."
+"Issue 17 §7: every entry point checks its arguments through `tsai_attnviz.core.checks`, with the same message for the same mistake."
 import numpy as np, pytest
 import matplotlib; matplotlib.use('Agg')
 from tsai.basics import TSClassifier, TSClassification

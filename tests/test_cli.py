@@ -2,8 +2,8 @@
 import os, subprocess, sys, shutil
 from pathlib import Path
 import numpy as np, pytest, torch
-from tsai_attnviz.recorder import AttnRecorder
-from tsai_attnviz.recording import AttnRecording
+from tsai_attnviz.record.recorder import AttnRecorder
+from tsai_attnviz.record.recording import AttnRecording
 
 EXE = shutil.which('tsai-attnviz') or str(Path(sys.executable).parent/'tsai-attnviz')
 

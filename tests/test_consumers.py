@@ -5,7 +5,7 @@ from fastai.callback.core import Callback
 from tsai.models.ConvTranPlus import ConvTranPlus
 from tsai.models.TransformerModel import TransformerModel
 from tsai_attnviz.all import *
-from tsai_attnviz.stream import AttnConsumer, attached
+from tsai_attnviz.core.stream import AttnConsumer, attached
 from conftest import make_learner, stock_effective_attention, no_leftovers
 
 FAMILIES = ['exact', 'fused', 'recomputed']  # ConvTranPlus swapped, ConvTranPlus fast_attention, TransformerModel

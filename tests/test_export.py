@@ -70,7 +70,7 @@ def test_loaded_learner_in_a_new_process(exported):
         assert not [h for m in learn.model.modules() for h in m._forward_hooks.values()]
         from tsai.inference import get_X_preds  # noqa: F401 (tsai's Learner.get_X_preds)
         from tsai_attnviz.all import AttnRecorder
-        import tsai_attnviz.learner  # noqa: F401
+        import tsai_attnviz.show.learner  # noqa: F401
         from conftest import stock_effective_attention
         X = np.load({str(d/'X.npy')!r})
         learn.add_cb(AttnRecorder(idxs=[3]))

@@ -212,7 +212,7 @@ def test_relevance_view_reads(learners, arch):
     try: fig = learn.show_attention(view='relevance', idx=0, method=ms)
     except ValueError as e: pytest.skip(f'relevance refuses {arch}: {e}')
     got += check(fig, f'{arch}-relevance')
-    if all('legend over the data' in f for f in got) and got:  # plot_relevance is nbs/20_relevance.ipynb's: its legends sit on the curves
+    if all('legend over the data' in f for f in got) and got:  # plot_relevance is nbs/41_explain_relevance.ipynb's: its legends sit on the curves
         pytest.xfail('plot_relevance draws its legends over the data: ' + '; '.join(got))
     no_faults(got)
 

@@ -1,7 +1,7 @@
 "The parts of a ConvTranPlus (eRPE) map on a trained Learner: softmax + bias == effective, each against the stock layer by hand"
 import pytest, torch
 from tsai_attnviz.all import *
-from tsai_attnviz.reduce import reduce_map
+from tsai_attnviz.core.reduce import reduce_map
 from conftest import stock_effective_attention, no_leftovers
 
 @pytest.fixture

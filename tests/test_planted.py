@@ -1,11 +1,11 @@
-"""The planted ground truth (tsai_attnviz.planted) against a model that reads only the planted steps: occlusion, and
+"""The planted ground truth (tsai_attnviz.explain.planted) against a model that reads only the planted steps: occlusion, and
 Captum's feature ablation and integrated gradients, must find them; the scores (faithfulness.py) rank them."""
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 import pytest
-from tsai_attnviz.planted import planted_motifs, motif
-from tsai_attnviz.faithfulness import average_precision, precision_at_k
-from tsai_attnviz.relevance import model_relevance
-from tsai_attnviz.attributions import captum_relevance
+from tsai_attnviz.explain.planted import planted_motifs, motif
+from tsai_attnviz.explain.faithfulness import average_precision, precision_at_k
+from tsai_attnviz.explain.relevance import model_relevance
+from tsai_attnviz.explain.attributions import captum_relevance
 
 class MatchedFilter(nn.Module):
     "Class k's logit: the largest correlation of the relevant variables with class k's motif (reads only the motif's window)"

@@ -3,7 +3,7 @@ import numpy as np, pytest, torch, torch.nn as nn
 import matplotlib.pyplot as plt
 from tsai.models.ConvTranPlus import ConvTranPlus, Attention, Attention_Rel_Scl
 from tsai.models.TST import TST, _MultiHeadAttention
-from tsai_attnviz.relevance import METHODS, model_relevance, attention_rollout, fill_steps, plot_relevance
+from tsai_attnviz.explain.relevance import METHODS, model_relevance, attention_rollout, fill_steps, plot_relevance
 from tsai_attnviz.arch import ADAPTERS
 from tsai_attnviz.arch.convtranplus import ConvTranPlusWithAttn
 from conftest import make_learner, no_leftovers, hand_convtran
@@ -269,7 +269,7 @@ def test_transformer_value_norm_by_hand():
 
 def test_fused_layers_give_the_exact_relevance():
     "ConvTranPlus's fused layers hand the maps in chunks of query rows: the sums and the joined maps are those of the exact layers"
-    from tsai_attnviz.fast import fast_attention
+    from tsai_attnviz.arch.convtranplus_fast import fast_attention
     torch.manual_seed(0)
     m, x = ConvTranPlus(4, 3, 32).eval(), torch.randn(3, 4, 32)
     exact = {meth: model_relevance(m, x, meth) for meth in ('attention', 'value_norm', 'rollout', 'grad_attention')}
@@ -304,7 +304,7 @@ def test_grad_rollout_by_hand_on_two_layers():
 def test_rollouts_stay_in_their_branch():
     "MultiTSTPlus: a branch's rollout goes through that branch's layers only, not the branches computed before it"
     from tsai.models.TSTPlus import MultiTSTPlus
-    from tsai_attnviz.relevance import _stacked
+    from tsai_attnviz.explain.relevance import _stacked
     names = ['backbone.0.branches.0.encoder.layers.0.self_attn', 'backbone.0.branches.0.encoder.layers.1.self_attn',
              'backbone.0.branches.1.encoder.layers.0.self_attn', 'backbone.0.branches.1.encoder.layers.1.self_attn']
     assert [_stacked(n, names[3]) for n in names] == [False, False, True, True]

@@ -5,8 +5,8 @@ import copy, io, contextlib
 import numpy as np, pytest, torch, torch.nn as nn
 from tsai.models.ConvTranPlus import ConvTranPlus
 from tsai.models.TransformerModel import TransformerModel
-from tsai_attnviz.relevance import model_relevance, _windows, N_WINDOWS
-from tsai_attnviz.fast import fast_attention, exact_attention
+from tsai_attnviz.explain.relevance import model_relevance, _windows, N_WINDOWS
+from tsai_attnviz.arch.convtranplus_fast import fast_attention, exact_attention
 from tsai_attnviz.arch import attention_layers
 from conftest import no_leftovers
 

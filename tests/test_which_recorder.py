@@ -2,7 +2,7 @@
 import numpy as np, pytest, torch
 import matplotlib.pyplot as plt
 from tsai_attnviz.all import *
-from tsai_attnviz.report import read_report
+from tsai_attnviz.show.report import read_report
 from conftest import make_learner
 
 @pytest.fixture(scope='module')

@@ -9,37 +9,44 @@ methods (`show_attention`, `record_attention`, `show_attention_evolution`)."""
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #1f74a7ef
-from .stream import *
-from .layers import *
+from .core.stream import *
+from .core.layers import *
 from .arch import *
-from .reduce import *
-from .recording import *
-from .recorder import *
-from .plot import *
-from .fast import *
-from .learner import *  # patches Learner.show_attention and Learner.record_attention
-from .report import *  # patches AttnRecording.to_html and Learner.attention_report
-from .relevance import *  # patches Learner.relevance
-from .recording import PARTS  # the parts of a map (relevance has its own, narrower tuple)
-from .mean_maps import *
-from .probe import *
+from .core.reduce import *
+from .record.recording import *
+from .record.recorder import *
+from .show.plot import *
+from .arch.convtranplus_fast import *
+from .show.learner import *  # patches Learner.show_attention and Learner.record_attention
+from .show.report import *  # patches AttnRecording.to_html and Learner.attention_report
+from .explain.relevance import *  # patches Learner.relevance
+from .record.recording import PARTS  # the parts of a map (relevance has its own, narrower tuple)
+from .record.mean_maps import *
+from .record.probe import *
 import importlib, pkgutil
-from . import stream as _s, arch as _a, layers as _l, reduce as _red, recording as _rg, recorder as _r, plot as _p, fast as _f, report as _rep, relevance as _rel
+from . import arch as _a
+from .core import stream as _s, layers as _l, reduce as _red
+from .record import recording as _rg, recorder as _r
+from .show import plot as _p, report as _rep
+from .arch import convtranplus_fast as _f
+from .explain import relevance as _rel
 __all__ = _s.__all__ + _l.__all__ + _a.__all__ + _red.__all__ + _rg.__all__ + _r.__all__ + _p.__all__ + _f.__all__ + _rep.__all__ + [n for n in _rel.__all__ if n != 'PARTS']  # nbdev writes an empty __all__ for a module of imports only
 for _m in pkgutil.iter_modules(_a.__path__):  # every family's classes (twins, adapters), as `from tsai_attnviz.arch.<family> import *`
     _fam = importlib.import_module(f'tsai_attnviz.arch.{_m.name}')
     globals().update({k: getattr(_fam, k) for k in _fam.__all__}); __all__ = __all__ + list(_fam.__all__)
 
 # %% ../nbs/99_all.ipynb #al0tk001
-from .trackers import *  # TensorBoard / W&B logging of the probe (imports neither)
-from . import trackers as _tk
+from .record.trackers import *  # TensorBoard / W&B logging of the probe (imports neither)
+from .record import trackers as _tk
 __all__ = __all__ + _tk.__all__
 
 # %% ../nbs/99_all.ipynb #a9395e95
-from .checks import *  # the one argument check of every entry point
-from .export import *  # exportable: what learn.export() pickles, nothing of this package
-from .attributions import *  # Captum's attributions over time steps (Captum is imported when a method runs)
-from .planted import *  # a planted ground truth: planted_motifs
-from .faithfulness import *  # ROAD, average precision and precision at k against a ground truth
-from . import checks as _ck, export as _ex, attributions as _at, planted as _pl, faithfulness as _fa
+from .core.checks import *  # the one argument check of every entry point
+from .record.export import *  # exportable: what learn.export() pickles, nothing of this package
+from .explain.attributions import *  # Captum's attributions over time steps (Captum is imported when a method runs)
+from .explain.planted import *  # a planted ground truth: planted_motifs
+from .explain.faithfulness import *  # ROAD, average precision and precision at k against a ground truth
+from .core import checks as _ck
+from .record import export as _ex
+from .explain import attributions as _at, planted as _pl, faithfulness as _fa
 __all__ = __all__ + _ck.__all__ + _ex.__all__ + _at.__all__ + _pl.__all__ + _fa.__all__

@@ -15,7 +15,7 @@ import torch
 __all__ = ['TASKS', 'target_info', 'format_values', 'decode_target', 'decode_pred', 'item_title', 'class_index']
 
 # %% ../nbs/04_data.ipynb #c38eeb2f
-from .checks import check_X, nonfinite_message  # one validation path for every entry point: `tsai_attnviz.checks`
+from .core.checks import check_X, nonfinite_message  # one validation path for every entry point: `tsai_attnviz.core.checks`
 
 # %% ../nbs/04_data.ipynb #5bad8787
 TASKS = ('classification', 'multilabel', 'regression')

@@ -14,7 +14,7 @@ import importlib, pkgutil
 import numpy as np
 import torch
 import torch.nn as nn
-from ..layers import _NOT_KEPT
+from ..core.layers import _NOT_KEPT
 
 # %% auto #0
 __all__ = ['ADAPTERS', 'ArchAdapter', 'time_spans', 'conv_spans', 'probe_spans', 'spread_to_steps', 'register', 'supported',

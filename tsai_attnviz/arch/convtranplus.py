@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import store_attr
 from tsai.models.ConvTranPlus import Attention, Attention_Rel_Scl, Attention_Rel_Vec, ConvTranPlus
-from ..layers import _ExposesWeights, check_input
+from ..core.layers import _ExposesWeights, check_input
 from . import ArchAdapter, register, swap_attention, attention_layers
 
 # %% auto #0
@@ -114,7 +114,7 @@ class ConvTranPlusAdapter(ArchAdapter):
     name,archs = 'ConvTranPlus',('ConvTranPlus', 'ConvTranPlusWithAttn')
     twins = {Attention: Attention_With_Weights, Attention_Rel_Scl: Attention_Rel_Scl_With_Weights,
              Attention_Rel_Vec: Attention_Rel_Vec_With_Weights}
-    fast = {}  # stock class -> its fused twin, which builds no L × L map: filled by `tsai_attnviz.fast`
+    fast = {}  # stock class -> its fused twin, which builds no L × L map: filled by `tsai_attnviz.arch.convtranplus_fast`
 
     def check(self, layer):
         if type(layer) is Attention_Rel_Scl: _check_heads(layer.key.in_features, layer.n_heads)

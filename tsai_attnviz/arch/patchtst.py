@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tsai.models.PatchTST import _ScaledDotProductAttention, _MultiheadAttention, _PatchTST_backbone
-from ..layers import _ExposesWeights
+from ..core.layers import _ExposesWeights
 from . import ArchAdapter, register, conv_spans
 
 # %% auto #0

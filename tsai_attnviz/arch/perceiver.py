@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tsai.models.TSPerceiver import Attention, CrossAttention, TSPerceiver
-from ..layers import _ExposesWeights
+from ..core.layers import _ExposesWeights
 from . import ArchAdapter, register, time_spans
 
 # %% auto #0

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tsai.models.TransformerRNNPlus import _TransformerRNNEncoder
 from tsai.models.TransformerModel import TransformerModel
-from ..layers import _ExposesWeights
+from ..core.layers import _ExposesWeights
 from . import ArchAdapter, register, time_spans
 
 # %% auto #0

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tsai.models.TST import _MultiHeadAttention, TST
-from ..layers import _ExposesWeights
+from ..core.layers import _ExposesWeights
 from . import ArchAdapter, register, time_spans, conv_spans, probe_spans
 
 # %% auto #0

@@ -19,7 +19,7 @@ from fastcore.xtras import is_listy
 from tsai.models.layers import MultiheadAttention, ScaledDotProductAttention, MultiEmbedding
 from tsai.models.TSTPlus import _TSTBackbone, _Splitter
 from tsai.models.TSiTPlus import _TSiTBackbone
-from ..layers import _ExposesWeights
+from ..core.layers import _ExposesWeights
 from . import ArchAdapter, register, time_spans, conv_spans, probe_spans
 
 # %% auto #0
