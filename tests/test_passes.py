@@ -70,9 +70,9 @@ def test_lr_find_runs_no_probe(learn, tmp_path):
     rec = AttnRecorder(every_epoch=True)
     learn.add_cb(rec)
     learn.fit(1, 1e-3)
-    forwards = rec._forward
+    forwards = rec._fwd.count
     learn.lr_find(show_plot=False)
-    assert rec._forward == forwards and rec.recording.epochs == [0, 1]
+    assert rec._fwd.count == forwards and rec.recording.epochs == [0, 1]
     no_leftovers(learn.model)
 
 def test_a_refused_pass_keeps_the_recording(learn, bm_data):

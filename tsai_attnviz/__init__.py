@@ -20,11 +20,14 @@ Modules:
 - `tsai_attnviz.explain.faithfulness`: How far a relevance ranking can be trusted: ROAD with noisy linear imputation, and scores against a planted ground truth.
 - `tsai_attnviz.explain.planted`: A synthetic classification set whose relevant time steps are known: each item's class is set by a motif planted at a random window.
 - `tsai_attnviz.explain.relevance`: Which time steps of the input matter to the prediction: five relevance methods, mapped back to time steps, and a plot.
+- `tsai_attnviz.record.budget`: How many MB of records a recorder holds: `Budget` counts them, and chooses the block size when `max_len='auto'`.
 - `tsai_attnviz.record.export`: What `learn.export()` writes when this package has touched the Learner: nothing of tsai_attnviz.
 - `tsai_attnviz.record.mean_maps`: Mean maps per class or target bin over a pass: what `AttnRecorder(aggregate=...)` keeps.
 - `tsai_attnviz.record.probe`: The probe items that `AttnRecorder(every_epoch=True)` runs through the model before training and after each epoch.
 - `tsai_attnviz.record.recorder`: `AttnRecorder`, a fastai callback that copies selected attention maps while a Learner validates or predicts.
 - `tsai_attnviz.record.recording`: `AttnRecording`: recorded maps with the inputs, targets, predictions and indices that go with them, and its file format.
+- `tsai_attnviz.record.select`: Which items, layers and heads a recorder records: `ItemSelection`, and the dataset index of each item of a batch.
+- `tsai_attnviz.record.sink`: `MemorySink`: the storage part of `AttnRecorder`, an `AttnRecording` in memory, kept across passes or started afresh.
 - `tsai_attnviz.record.trackers`: Where fastai users watch training: `AttnRecorder(every_epoch=True)` logs the probe's head grid and per-head statistics each epoch to TensorBoard or Weights & Biases.
 - `tsai_attnviz.show.learner`: `Learner.show_attention()`: attention maps of a tsai Learner, from what an `AttnRecorder` holds or recorded on the spot.
 - `tsai_attnviz.show.plot`: Attention heatmaps, head grids and the over-the-series view, from plain tensors: no Learner needed."""

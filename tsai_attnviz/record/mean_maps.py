@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from ..core.reduce import block_size
-from ..arch import layer_adapter
 from .recording import bin_labels
 from ..data import _name
 
@@ -18,76 +17,98 @@ from ..data import _name
 __all__ = ['MeanMaps']
 
 # %% ../../nbs/31_record_mean_maps.ipynb #mm000006
+_AGGREGATES = (None, 'mean', 'class', 'bins')
+
 class MeanMaps:
-    "Mixin of `AttnRecorder`: the running sums of the maps of every item of a pass (`aggregate=...`), grouped by class or target bin"
-    def _aggregate(self, yb, pred):
-        "Add this batch's reduced maps to the running sums; maps that are not finite (NaN input) are left out"
-        red = torch.cat(self._batch_red).double()                                            # [bs·nv, H, l, l]
-        n = len(pred if yb is None else yb) if (pred is not None or yb is not None) else len(red)
-        if len(red) != n and len(red) % n == 0: red = red.reshape(n, -1, *red.shape[1:]).mean(1)  # an item's variables: their mean
-        ok = torch.isfinite(red).flatten(1).all(1)
-        red, ok = red[ok], ok.cpu()
-        yb = None if yb is None else yb.cpu()[ok]
-        pred = None if pred is None else pred.float().cpu()[ok]
-        aggs = self.recording.aggregates
-        s, n = aggs.get('mean', (0., 0))
-        aggs['mean'] = (s + red.sum(0).cpu(), n + len(red))
-        if self.aggregate in (None, 'mean') or not len(red): return
-        agg = aggs.setdefault(self.aggregate, {})
-        for key, m in self._groups(yb, pred).items():
-            if not m.any(): continue
-            s, n = agg.get(key, (0., 0))
-            agg[key] = (s + red[m.to(red.device)].sum(0).cpu(), n + int(m.sum()))
+    "Streaming sums of the maps of every item of a pass (`aggregate=...`), in all and grouped by class or target bin"
+    def __init__(self,
+        aggregate:str=None, # None, 'mean', 'class' (classifiers) or 'bins' (regression)
+        bins=4, # with aggregate='bins': a number of quantile bins of the training targets, or the bin edges
+    ):
+        if aggregate not in _AGGREGATES:
+            raise ValueError(f"aggregate={aggregate!r}: use None, 'mean', 'class' (classifiers) or 'bins' (regression).")
+        self.aggregate,self.bins = aggregate,bins
 
-    def _groups(self, yb, pred)->dict:
-        "{class label or bin range, as the figures write them: mask of the batch's samples}, by target when the pass has targets, else by prediction"
-        self.recording.meta['agg_by'] = 'prediction' if yb is None else 'target'
-        if self.aggregate == 'bins':
-            v = (pred if yb is None else yb).reshape(len(pred if yb is None else yb), -1).double()
-            if v.shape[1] != 1: raise ValueError(f"aggregate='bins' needs one value per item; this model has {v.shape[1]}: use aggregate='mean'.")
-            meta, v = self.recording.meta, v[:, 0].contiguous()
-            edges = torch.tensor(meta['bin_edges'], dtype=torch.float64)
-            # 0: below the first edge; i: edges[i-1] <= y < edges[i]; the last edge closes the last bin; past it: a bin of its own
-            b = torch.searchsorted(edges, v, right=True)
-            b[v == edges[-1]] = len(edges) - 1
-            ok = torch.isfinite(v)  # an unknown target is in no bin
-            return {meta['bin_labels'][int(c)]: (b == c) & ok for c in b[ok].unique()}
-        if self._info['task'] == 'multilabel':
-            hot = pred > 0 if yb is None else yb > 0.5                                      # [bs, n_classes]
-            return {_name(self._info, c): hot[:, c] for c in range(hot.shape[1])}
-        cls = pred.argmax(-1) if yb is None or yb.numel() != len(yb) else yb.reshape(-1).long()
-        return {_name(self._info, int(c)): cls == c for c in cls.unique()}
+    def n_groups(self, info:dict)->int: # mean maps a pass may keep at most (for the memory budget)
+        if not self.aggregate: return 0
+        return 1 + len(info.get('vocab') or []) + (self.bins if isinstance(self.bins, (int, np.integer)) else 4)
 
-    def _check_aggregate(self, sel):
-        "Resolve max_len='auto' for this pass, and refuse aggregates that can't be made, before anything is stored"
-        L = None if self._shape is None else self._shape[1]
-        H = len(self.heads) if self.heads else layer_adapter(sel[0][1]).n_heads(sel[0][1])
-        if self.max_len != 'auto': self._len = self.max_len
-        elif not (self.accumulate and self._said_auto): self._len = self._auto_len(L, H, len(sel), any(layer_adapter(m).adds_bias(m) for _, m in sel))  # accumulated maps keep one size
-        task = self._info['task']
+    def prepare(self,
+        rec, # the `AttnRecording` the sums go to
+        learn, # the Learner (its task; the training targets for quantile bins)
+        info:dict, # `target_info(learn)`
+        L:int=None, # time steps of the maps; None: unknown yet
+        max_len:int=None, # the side maps are reduced to
+    ):
+        "Refuse aggregates that can't be made, before anything is stored; write the bins and block size to `rec.meta`"
+        task = info['task']
         if self.aggregate == 'class' and task == 'regression':
             raise ValueError("aggregate='class' groups maps by class, but this Learner is a regression (its targets are values): "
                              "use aggregate='bins' (mean maps per range of the target, 4 quantile bins by default) or aggregate='mean'.")
         if self.aggregate == 'bins':
             if task != 'regression': raise ValueError(f"aggregate='bins' groups a regression's maps by target range, but this "
                                                       f"Learner is a {task}: use aggregate='class' or 'mean'.")
-            self.recording.meta['bin_edges'] = e = self._bin_edges()
-            self.recording.meta['bin_labels'] = bin_labels(e)
+            rec.meta['bin_edges'] = e = self.bin_edges(learn)
+            rec.meta['bin_labels'] = bin_labels(e)
         if self.aggregate and L is not None:
-            k, have = block_size(L, self._len), self.recording.meta.get('agg_block')
-            if self.recording.aggregates and have is not None and have != k:
+            k, have = block_size(L, max_len), rec.meta.get('agg_block')
+            if rec.aggregates and have is not None and have != k:
                 raise ValueError(f"AttnRecorder(accumulate=True): the mean maps recorded so far average blocks of {have} time "
-                                 f"steps; this pass would add blocks of {k} (max_len={self._len}). Keep max_len the same across "
+                                 f"steps; this pass would add blocks of {k} (max_len={max_len}). Keep max_len the same across "
                                  "passes, or aggregate with a new recorder.")
-            self.recording.meta['agg_block'] = k
+            rec.meta['agg_block'] = k
 
-    def _bin_edges(self)->list:
+    def add(self,
+        rec, # the `AttnRecording` whose `aggregates` hold the sums
+        maps:list, # this batch's reduced maps, one [1, H, l, l] per batch row
+        yb, # the batch's targets, or None
+        pred, # the batch's predictions, or None
+        info:dict, # `target_info(learn)`
+    ):
+        "Add a batch's maps to the running sums; maps that are not finite (NaN input) are left out"
+        red = torch.cat(maps).double()                                                       # [bs·nv, H, l, l]
+        n = len(pred if yb is None else yb) if (pred is not None or yb is not None) else len(red)
+        if len(red) != n and len(red) % n == 0: red = red.reshape(n, -1, *red.shape[1:]).mean(1)  # an item's variables: their mean
+        ok = torch.isfinite(red).flatten(1).all(1)
+        red, ok = red[ok], ok.cpu()
+        yb = None if yb is None else yb.cpu()[ok]
+        pred = None if pred is None else pred.float().cpu()[ok]
+        aggs = rec.aggregates
+        s, n = aggs.get('mean', (0., 0))
+        aggs['mean'] = (s + red.sum(0).cpu(), n + len(red))
+        if self.aggregate in (None, 'mean') or not len(red): return
+        agg = aggs.setdefault(self.aggregate, {})
+        for key, m in self.groups(rec.meta, info, yb, pred).items():
+            if not m.any(): continue
+            s, n = agg.get(key, (0., 0))
+            agg[key] = (s + red[m.to(red.device)].sum(0).cpu(), n + int(m.sum()))
+
+    def groups(self, meta:dict, info:dict, yb, pred)->dict:
+        "{class label or bin range, as the figures write them: mask of the batch's items}, by target when the pass has targets, else by prediction"
+        meta['agg_by'] = 'prediction' if yb is None else 'target'
+        if self.aggregate == 'bins':
+            v = (pred if yb is None else yb).reshape(len(pred if yb is None else yb), -1).double()
+            if v.shape[1] != 1: raise ValueError(f"aggregate='bins' needs one value per item; this model has {v.shape[1]}: use aggregate='mean'.")
+            v = v[:, 0].contiguous()
+            edges = torch.tensor(meta['bin_edges'], dtype=torch.float64)
+            # 0: below the first edge; i: edges[i-1] <= y < edges[i]; the last edge closes the last bin; past it: a bin of its own
+            b = torch.searchsorted(edges, v, right=True)
+            b[v == edges[-1]] = len(edges) - 1
+            ok = torch.isfinite(v)  # an unknown target is in no bin
+            return {meta['bin_labels'][int(c)]: (b == c) & ok for c in b[ok].unique()}
+        if info['task'] == 'multilabel':
+            hot = pred > 0 if yb is None else yb > 0.5                                      # [bs, n_classes]
+            return {_name(info, c): hot[:, c] for c in range(hot.shape[1])}
+        cls = pred.argmax(-1) if yb is None or yb.numel() != len(yb) else yb.reshape(-1).long()
+        return {_name(info, int(c)): cls == c for c in cls.unique()}
+
+    def bin_edges(self, learn)->list:
         "Edges of the target bins: given, or quantiles of the training targets written with the fewest digits (at least 4) that keep them apart"
         if not isinstance(self.bins, (int, np.integer)):
             e = sorted({float(b) for b in self.bins})
             if len(e) < 2: raise ValueError(f"bins={self.bins!r}: give at least two edges (e.g. bins=[0, 1.5, 3]) or a number of quantile bins.")
             return e
-        try: y = np.asarray((t := self.learn.dls.train.dataset.tls[-1])[0:len(t)], dtype=float)  # the training split's targets
+        try: y = np.asarray((t := learn.dls.train.dataset.tls[-1])[0:len(t)], dtype=float)  # the training split's targets
         except (AttributeError, IndexError, TypeError, ValueError): y = np.empty(0)
         if y.size == 0: raise ValueError(f"aggregate='bins' with bins={self.bins} takes quantiles of the training targets, which this "
                                          "Learner does not hold (a load_learner'd Learner keeps no data): pass edges, e.g. bins=[0, 1.5, 3].")

@@ -8,19 +8,22 @@ pass ends (an error, KeyboardInterrupt, `remove_cb`), the model is left with its
 
 # %% ../../nbs/34_record_recorder.ipynb #9494c825
 from __future__ import annotations
-import math, warnings
+import warnings
 import numpy as np
 import torch
 from fastcore.basics import store_attr, listify, noop
 from fastai.callback.core import Callback, CancelFitException
 from ..core.layers import check_input
 from ..core.stream import AttnConsumer, AttnChunk, attached
-from ..arch import attention_layers, no_attention_error, adapter_for, layer_adapter, tokens_of
+from ..arch import adapter_for, layer_adapter, tokens_of
 from ..core.reduce import block_size, MapReducer
-from .recording import AttnRecording, _to_dtype, _record_bytes, to_host, host_ready
+from .recording import AttnRecording, _to_dtype, to_host, host_ready
 from ..data import target_info, nonfinite_message
+from .select import ItemSelection, batch_idxs
+from .budget import Budget
+from .sink import MemorySink
 from .mean_maps import MeanMaps
-from .probe import Probe, _batch_idxs
+from .probe import Probe
 from .trackers import ProbeLog
 import tsai_attnviz.record.export  # noqa: F401 (learn.export() holds no recorder)
 
@@ -33,17 +36,28 @@ def _model_input(model):
     try: return adapter_for(model).input_shape(model)
     except ValueError: return None
 
-def _as_list(o): return None if o is None else [int(i) for i in listify(o)]
+class _Forward:
+    "What the recorder knows of the forward in flight: the items it records, each layer's calls, bias and unfinished maps"
+    def __init__(self): self.count,self.cur,self.in_len = 0,dict(batch=0, epoch=0, split='valid'),None; self.batch()
+    def batch(self, want=()):
+        "A new batch: the items to record, as [(position, dataset index)]; nothing pending"
+        self.want,self.pending,self.maps,self.calls,self.layers = list(want),[],[],{},{}
+    def call(self, layer, agg_layer)->int: # the number of this call of `layer` in the forward (shared weights: several)
+        "A call of `layer` begins: count it (and the forward, at the first call of the layer aggregates follow); forget its last call's bias and maps"
+        c = self.calls[id(layer)] = self.calls.get(id(layer), -1) + 1
+        if id(layer) == agg_layer and c == 0: self.count += 1
+        self.layers[id(layer)] = dict(bias=None, open={})  # this call's bias reducer; rows whose maps are coming
+        return c
 
 # %% ../../nbs/34_record_recorder.ipynb #4f450cac
 def _lr_finding(learn)->bool:
     "Whether this fit is fastai's `lr_find` (its epochs are not the training the probe follows)"
     return any(type(cb).__name__ == 'LRFinder' for cb in learn.cbs)
 
-class AttnRecorder(MeanMaps, Probe, AttnConsumer, Callback):
+class AttnRecorder(AttnConsumer, Callback):
     "Record selected attention maps of a model's attention layers (any supported family) while a Learner validates or predicts"
     order,run_valid,run_train = 60,True,True  # after the model's output is gathered; train batches only with `train=True`
-    _stateattrs = ('recording', '_names', '_want', '_pending', '_batch_red', '_attached', '_probe_batch', '_bias', '_prev', '_guarded')
+    _stateattrs = ('sink', '_fwd', '_attached', '_names', '_nv', '_guarded')  # records and what a pass holds: never pickled
 
     def __init__(self,
         batches=(0,), # batch numbers of each pass to record; None: every batch
@@ -65,29 +79,32 @@ class AttnRecorder(MeanMaps, Probe, AttnConsumer, Callback):
         stats:bool=None, # per-record statistics at full resolution (see `head_stats`); default: on with every_epoch
         log_to=None, # where every_epoch logs each probe (`tsai_attnviz.record.trackers`): None, the Learner's TensorBoardCallback / WandbCallback; a SummaryWriter, a W&B run, a list; False: nowhere
     ):
-        if aggregate not in (None, 'mean', 'class', 'bins'):
-            raise ValueError(f"aggregate={aggregate!r}: use None, 'mean', 'class' (classifiers) or 'bins' (regression).")
         if max_len not in (None, 'auto') and not (isinstance(max_len, (int, np.integer)) and max_len >= 1):
             raise ValueError(f"max_len={max_len!r}: use a positive number of cells, None (full maps) or 'auto'.")
-        if not (isinstance(max_mem, (int, float)) and max_mem > 0):
-            raise ValueError(f"max_mem={max_mem!r}: use a positive number of MB (256 by default).")
-        store_attr('samples,layers,max_len,aggregate,bins,max_mem,tag,train,restore,accumulate,every_epoch')
-        self.probe = _as_list(probe) if probe is not None else ([0] if every_epoch else None)
+        store_attr('max_len,tag,train,restore,accumulate,every_epoch')
+        # the parts, each owning its state: which items, how much memory, the mean maps, the probe, where figures go
+        self.select = ItemSelection(batches, samples, idxs, layers, heads)
+        self.budget = Budget(max_mem, _to_dtype(dtype))
+        self.mean_maps = MeanMaps(aggregate, bins)
+        self.probe_items = Probe(listify(probe) if probe is not None else [0]) if every_epoch else None
         self.stats = every_epoch if stats is None else stats
-        self.batches,self.samples,self.idxs,self.heads = _as_list(batches),_as_list(samples),_as_list(idxs),_as_list(heads)
-        self.dtype = _to_dtype(dtype)
         self.tracking = ProbeLog(log_to, every_epoch)  # figures and per-head statistics of each probe, to TensorBoard / W&B
         self._init_state()
+
+    # what each part was told, as the arguments were named
+    batches = property(lambda s: s.select.batches); samples = property(lambda s: s.select.samples)
+    idxs = property(lambda s: s.select.idxs); layers = property(lambda s: s.select.layers); heads = property(lambda s: s.select.heads)
+    dtype = property(lambda s: s.budget.dtype); max_mem = property(lambda s: s.budget.max_mem)
+    aggregate = property(lambda s: s.mean_maps.aggregate); bins = property(lambda s: s.mean_maps.bins)
+    probe = property(lambda s: None if s.probe_items is None else s.probe_items.idxs)
+    recording = property(lambda s: s.sink.recording)  # what is recorded: an `AttnRecording`
 
     def _init_state(self):
         "Fresh, empty recording state: at creation, and when a pickled Learner is loaded (the state is not pickled)"
         super()._init_state()
-        self.recording,self._attached,self._names,self._want,self._pending,self._batch_red = AttnRecording(),None,{},[],[],[]
-        self._cur,self._forward,self._in_fit,self._probe_batch = dict(batch=0, epoch=0, split='valid'),0,False,None
-        self._bias,self._prev,self._guarded,self._idle,self._len,self._said_auto = {},None,None,True,self.max_len,False
-        self._on_gpu = None  # the device whose copies to the host `_keep` waits for
-        self._calls,self._nv,self._in_len = {},{},None  # calls of each layer in this forward; rows per item; input length
-        if self._len == 'auto': self._len = None
+        self.sink,self._fwd,self._attached,self._names,self._nv,self._guarded = MemorySink(),_Forward(),None,{},{},None
+        self._in_fit,self._idle,self._failed,self._stored,self._on_gpu,self._shape,self._agg_layer = False,True,False,True,None,None,None
+        self._len = None if self.max_len == 'auto' else self.max_len
 
     # `remove_cb` (also at the end of `fit(cbs=...)` and `get_preds(cbs=...)`, whatever way they end) sets `learn` to None:
     # a removed recorder leaves nothing on the model.
@@ -105,11 +122,12 @@ class AttnRecorder(MeanMaps, Probe, AttnConsumer, Callback):
         # lr_find's fits, and passes that are not fits for a probe recorder, leave the recording alone
         self._idle = _lr_finding(self.learn) or (self.every_epoch and not is_fit)
         if self._idle: return
-        self._prev = self.recording
-        if not self.accumulate: self.recording = AttnRecording()
-        self._full,self._seen,self._used,self._max_bs = False,set(),self.recording.nbytes,0
+        self.sink.start(self.accumulate)
+        self.select.start_pass()
+        self.budget.start(self.sink.nbytes)
+        if self.probe_items is not None: self.probe_items.reset()
         self._info = target_info(self.learn)
-        self.recording.meta.update(self._info)
+        self.sink.meta.update(self._info)
         if is_fit: self._guard()
         # Nothing is swapped yet: layers are swapped inside the pass (before_train, before_validate, the probe), where an
         # error ends the pass cleanly. fastai's validation context holds the Learner's lock while before_fit runs, and an
@@ -135,8 +153,7 @@ class AttnRecorder(MeanMaps, Probe, AttnConsumer, Callback):
         "Detach from the layers (which get their stock classes back) and take the guard off; a pass that failed before storing anything keeps the previous recording"
         self._detach()
         self._unguard()
-        if error and not getattr(self, '_stored', True) and self._prev is not None: self.recording = self._prev
-        self._prev = None
+        if 'sink' in self.__dict__: self.sink.end(keep_previous=error and not self._stored)
 
     def _cleanly(self, f, *args):
         "Call `f`; on an error, end the pass first"
@@ -146,22 +163,17 @@ class AttnRecorder(MeanMaps, Probe, AttnConsumer, Callback):
             self._end_pass(error=True)
             raise
 
-    def _start(self, split):
-        "Swap the selected layers in for the batches of this part of the pass"
-        self._seen_batches = 0
-        self._cleanly(self._attach, self.learn.model, split)
-
     def before_train(self):
         if self._idle: return
         self._in_fit = True
         if self.every_epoch and self.epoch == 0: self._cleanly(self._run_probe, 0)  # before any training step
-        if self.train: self._start('train')
+        if self.train: self._cleanly(self._attach, self.learn.model, 'train')
 
     def after_train(self): self._detach()  # each part of an epoch swaps in what it records
 
     def before_validate(self):
         if self._idle or self.every_epoch: return  # a probe recorder records the probe, not validation batches
-        self._start('valid')
+        self._cleanly(self._attach, self.learn.model, 'valid')
 
     def after_epoch(self):
         if self._idle: return
@@ -175,138 +187,139 @@ class AttnRecorder(MeanMaps, Probe, AttnConsumer, Callback):
         if not self._idle: self._end_pass(error=self._failed)
 
     def before_batch(self):
-        self._pending,self._batch_red,self._want,self._calls = [],[],[],{}
+        self._fwd.batch()
         if self._idle or self._attached is None: return
-        self._cur = dict(batch=self.iter, epoch=getattr(self.learn, 'epoch', 0), split='train' if self.training else 'valid')
+        self._fwd.cur = dict(batch=self.iter, epoch=getattr(self.learn, 'epoch', 0), split='train' if self.training else 'valid')
         if (self.training and not self.train) or (self.every_epoch and not self.training): return  # probe recorders: the probe only
-        self._seen_batches = max(self._seen_batches, self.iter + 1)
         xb = self.xb[0] if len(self.xb) else None
         if xb is None: return
         if self._shape is not None: self._cleanly(check_input, xb, *self._shape, f"{type(self.learn.model).__name__} in this Learner")
-        n, self._in_len = len(xb), xb.shape[-1]
-        self._max_bs = max(self._max_bs, n)
-        didx = _batch_idxs(self.dl, self.iter, n)
-        if self.idxs is not None: want = [p for p in range(n) if didx[p] in self.idxs]
-        elif self.batches is None or self.iter in self.batches:
-            want = list(range(n)) if self.samples is None else [p for p in self.samples if p < n]
-        else: want = []
+        self._fwd.in_len = xb.shape[-1]
+        didx = batch_idxs(self.dl, self.iter, len(xb))
+        want = self.select.positions(self.iter, didx)
         if want and (msg := nonfinite_message(xb, f'batch {self.iter}')):
             ok = torch.isfinite(xb).flatten(1).all(1).tolist()
             skip = [p for p in want if not ok[p]]
             want = [p for p in want if ok[p]]
             warnings.warn(f"AttnRecorder: {msg}. Items {skip} of that batch are not recorded (nor in mean maps).")
-        self._want = [] if self._full else [(p, didx[p]) for p in want]
-        if self.idxs is not None: self._seen.update(d for _, d in self._want)
+        if self.budget.full: want = []
+        self._fwd.batch([(p, didx[p]) for p in want])
+        if self.select.idxs is not None: self.select.saw(didx[p] for p in want)
 
     def after_pred(self): self._keep(self.xb[0], self.yb[0] if len(self.yb) else None, self.pred)
 
     def _keep(self, xb, yb, pred):
         "Add this forward's inputs, targets and predictions to its pending records, and store them"
-        if not self._pending and not self._batch_red: return
+        f = self._fwd
+        if not f.pending and not f.maps: return
         if self._on_gpu is not None: host_ready(self._on_gpu); self._on_gpu = None  # the records' copies are done
         pred = pred.detach() if torch.is_tensor(pred) else None
         yb = yb.detach() if yb is not None else None
-        for r in self._pending:
+        for r in f.pending:
             p = r['sample']
             r['input'] = xb[p].detach().float().cpu()
             r['pred'] = None if pred is None else pred[p].float().cpu()
             r['target'] = None if yb is None else yb[p].item() if yb[p].numel() == 1 else yb[p].float().cpu()
-            r.setdefault('block', self.recording.meta.get('block', 1))
-        self.recording.records += self._pending
-        if self._batch_red: self._aggregate(yb, pred)
-        self._stored = self._stored or bool(self._pending or self._batch_red)
-        self._pending,self._batch_red = [],[]
+            r.setdefault('block', self.sink.meta.get('block', 1))
+        self.sink.add(f.pending)
+        if f.maps: self.mean_maps.add(self.sink.recording, f.maps, yb, pred, self._info)
+        self._stored = self._stored or bool(f.pending or f.maps)
+        f.pending,f.maps = [],[]
 
     def after_validate(self):
         if self._idle or self.every_epoch: return  # validation batches are not what is recorded then
-        self._warn_missing()
-
-    def _warn_missing(self):
-        "Warn about selected batches, samples or items this pass did not have"
-        if self.idxs is not None: what, missing, there = 'idxs', sorted(set(self.idxs) - self._seen), "other items"
-        elif self.batches is not None and (missing := [b for b in self.batches if b >= self._seen_batches]):
-            what, there = 'batches', f"{self._seen_batches} batches (0..{self._seen_batches - 1})"
-        else:
-            what, missing = 'samples', [s for s in (self.samples or []) if s >= self._max_bs]
-            there = f"batches of at most {self._max_bs} items (0..{self._max_bs - 1})"
-        if missing: warnings.warn(f"AttnRecorder: {what}={missing} were not in this pass, which had {there}; nothing recorded for them.")
+        if msg := self.select.missing(): warnings.warn(f"AttnRecorder: {msg}")
 
     def __del__(self):
         try: self._end_pass()
         except Exception: pass
 
+    # -- the probe ---------------------------------------------------------------------
+    def _run_probe(self, epoch):
+        "Record the probe items (`Probe`) through the attached layers; log them to the trackers"
+        x, y, idxs = self.probe_items.items(self.dls)
+        model = self.learn.model
+        self._attach(model, 'probe')
+        self._fwd.batch(list(zip(range(len(idxs)), idxs)))
+        self._fwd.cur,self._fwd.in_len = dict(batch=-1, epoch=epoch, split='probe'),x.shape[-1]
+        try: pred = self.probe_items.run(model, x)
+        finally: self._detach()
+        self._keep(x, y, pred)
+        self._fwd.batch()
+        self.tracking.log(self.learn, self.recording, epoch)  # to the Learner's TensorBoard / W&B, or log_to's (`tsai_attnviz.record.trackers`)
+
     # -- layers ------------------------------------------------------------------------
     def _attach(self, model, split='valid'):
         "Check the selection, then attach to the selected layers (`attached`: twins swapped in where needed) until `_detach`"
         adapter = adapter_for(model, 'AttnRecorder')  # an error naming the supported architectures when there is none
-        found = attention_layers(model)
-        byname = dict(found)
-        if self.layers is None: sel = found
-        else:
-            bad = [l for l in listify(self.layers) if not (isinstance(l, int) and 0 <= l < len(found)) and l not in byname]
-            if bad: raise ValueError(f"layers={bad} not in the model: its attention layers are {list(byname)} "
-                                     f"(numbers 0..{len(found)-1}).")
-            sel = [found[l] if isinstance(l, int) else (l, byname[l]) for l in listify(self.layers)]
-        n_heads = {id(m): layer_adapter(m).n_heads(m) for _, m in sel}
-        for n, m in sel:
-            if self.heads is not None and any(not 0 <= h < n_heads[id(m)] for h in self.heads):
-                raise ValueError(f"heads={self.heads} but the model has {n_heads[id(m)]} heads (0..{n_heads[id(m)] - 1}) in layer {n}.")
+        sel = self.select.layers_of(model)
         self._shape = _model_input(model)
-        if split != 'probe': self._check_aggregate(sel)
+        if split != 'probe': self._prepare(sel)
+        if split != 'probe': self.select.n_batches = 0  # batches this part of the pass had
         if self._attached is not None: return  # already attached in this pass
         # only the selected layers; those swapped here keep nothing, and get their stock classes back at `_detach` (`restore`)
         self._attached = attached(model, self, layers=[m for _, m in sel], restore=self.restore, who='AttnRecorder')
         self._names = {id(m): n for n, m in sel}
         self._nv = {id(m): layer_adapter(m).n_vars(model, m) for _, m in sel}  # channel-independent: rows per item
         self._agg_layer = id(sel[0][1])  # aggregates follow the first selected layer
-        self.recording.meta['agg_layer'] = sel[0][0]
-        self._want,self._pending,self._batch_red = [],[],[]
-        self.recording.meta.update(heads=self.heads or list(range(n_heads[id(sel[0][1])])), max_len=self._len,
-                                   bias=any(layer_adapter(m).adds_bias(m) for _, m in sel),  # eRPE: maps are softmax + bias
-                                   arch=adapter.name, maps=adapter.maps, dropout=adapter.dropout, per_var=adapter.per_var)
-        self.recording.meta.setdefault('layer_heads', {}).update({n: self.heads or list(range(n_heads[id(m)])) for n, m in sel})
+        self._fwd.batch()
+        meta = self.sink.meta
+        meta.update(agg_layer=sel[0][0], heads=self.select.heads_of(sel[0][1]), max_len=self._len,
+                    bias=any(layer_adapter(m).adds_bias(m) for _, m in sel),  # eRPE: maps are softmax + bias
+                    arch=adapter.name, maps=adapter.maps, dropout=adapter.dropout, per_var=adapter.per_var)
+        meta.setdefault('layer_heads', {}).update({n: self.select.heads_of(m) for n, m in sel})
+
+    def _prepare(self, sel):
+        "Resolve max_len='auto' for this pass, and refuse aggregates that can't be made, before anything is stored"
+        L = None if self._shape is None else self._shape[1]
+        if self.max_len != 'auto': self._len = self.max_len
+        elif not (self.accumulate and self.budget.said_auto):  # accumulated maps keep one size
+            H = len(self.select.heads_of(sel[0][1]))
+            n = self.select.n_records(self.learn.dl) * len(sel)
+            self._len = self.budget.auto_len(L, H, n, self.mean_maps.n_groups(self._info), any(layer_adapter(m).adds_bias(m) for _, m in sel))
+        self.mean_maps.prepare(self.sink.recording, self.learn, self._info, L, self._len)
 
     def _detach(self):
         "Unsubscribe; the layers swapped in for this recorder get their stock classes back once no other consumer needs them (`restore`)"
-        att, self._attached, self._want = getattr(self, '_attached', None), None, []
+        att = self.__dict__.get('_attached')
+        self._attached = None
+        if '_fwd' in self.__dict__: self._fwd.want = []
         if att is not None: att.detach()
 
     # -- receiving (`AttnConsumer`) -----------------------------------------------------
     def wanted(self, layer, bs:int)->list: # batch rows whose maps `layer` hands over in this call
         "Asked as each call of a layer begins: the samples to record, or all of them when `layer` feeds the aggregates"
-        self._new_forward(layer)
+        self._fwd.call(layer, self._agg_layer)
         if self._aggregating(layer): return list(range(bs))
-        nv, items = self._nv.get(id(layer), 1), {p for p, _ in self._want}
+        nv, items = self._nv.get(id(layer), 1), {p for p, _ in self._fwd.want}
         return [r for r in range(bs) if r // nv in items]  # rows: items × variables for channel-independent models
-
-    def _new_forward(self, layer):
-        "A call of `layer` begins: count it, and forget the last call's bias and unfinished maps"
-        c = self._calls[id(layer)] = self._calls.get(id(layer), -1) + 1  # a layer may be called several times a forward (shared weights)
-        if id(layer) == self._agg_layer and c == 0: self._forward += 1
-        self._bias[id(layer)] = dict(bias=None, open={})  # this call's bias reducer; rows whose maps are coming
 
     def _aggregating(self, layer)->bool:
         # not training, not the probe; a layer called several times a forward: its first call
-        return (self.aggregate is not None and self._cur['split'] == 'valid' and id(layer) == self._agg_layer
-                and self._calls.get(id(layer), 0) == 0)
+        return (self.aggregate is not None and self._fwd.cur['split'] == 'valid' and id(layer) == self._agg_layer
+                and self._fwd.calls.get(id(layer), 0) == 0)
+
+    def _tokens(self, name, layer, Lq, L):
+        "What the queries and keys of `layer` are, in time steps of the input, written once to the recording"
+        toks = self.sink.meta.setdefault('tokens', {})
+        if name not in toks and self._fwd.in_len is not None:
+            t = tokens_of(self.learn.model, name, layer, self._fwd.in_len, Lq, L)
+            toks[name] = {w: (kind, np.asarray(sp).tolist()) for w, (kind, sp) in t.items()}
 
     def receive(self, chunk:AttnChunk):
         "Reduce what is selected of a chunk: query rows q0.. of the maps of batch rows `chunk.positions` (see `AttnChunk`)"
         layer, softmax, bias, logits, q0 = chunk.layer, chunk.softmax, chunk.bias, chunk.logits, chunk.q0  # [n, H, c, Lk]; bias [H, c, Lk]
-        agg = self._aggregating(layer)
+        f, agg = self._fwd, self._aggregating(layer)
         nv = self._nv.get(id(layer), 1)  # channel-independent models: batch row r is item r // nv, variable r % nv
-        items = dict(self._want)
+        items = dict(f.want)
         want = {p: items[p // nv] for p in chunk.positions if p // nv in items}
-        fwd = self._bias.setdefault(id(layer), dict(bias=None, open={}))
+        fwd = f.layers.setdefault(id(layer), dict(bias=None, open={}))
         if not (want or agg or fwd['open']): return
         L, Lq = softmax.shape[-1], chunk.n_q  # cross-attention: Lq != Lk
         k = block_size(max(Lq, L), self._len)
-        self.recording.meta.update(seq_len=L, block=k)
+        self.sink.meta.update(seq_len=L, block=k)
         name = chunk.name
-        toks = self.recording.meta.setdefault('tokens', {})
-        if name not in toks and self._in_len is not None:  # what queries and keys are, in time steps of the input
-            t = tokens_of(self.learn.model, name, layer, self._in_len, Lq, L)
-            toks[name] = {w: (kind, np.asarray(sp).tolist()) for w, (kind, sp) in t.items()}
+        self._tokens(name, layer, Lq, L)
         hs = slice(None) if self.heads is None else self.heads
         with torch.no_grad():
             b = None if bias is None else bias.detach()[hs]                                  # [H, c, L]
@@ -315,7 +328,9 @@ class AttnRecorder(MeanMaps, Probe, AttnConsumer, Callback):
                 if fwd['bias'].seen == q0: fwd['bias'].add(b, q0)
             for i, p in enumerate(chunk.positions):
                 if q0 == 0:  # a new row of the batch: reduce it when it is recorded (and fits the budget) or aggregated
-                    rec = p in want and not self._full and self._fits(self._record_size(softmax.shape[1], Lq, L, k, b is not None))
+                    rec = p in want and self.budget.fits(self.budget.record_size(softmax.shape[1], Lq, L, k, b is not None),
+                                                         len(self.sink) + len(f.pending))
+                    if p in want and not rec: f.want = []  # past the budget: nothing more this pass
                     if rec or agg:
                         fwd['open'][p] = (MapReducer(L, k, full=k == 1, entropy=rec, stats=rec and self.stats, Lq=Lq), rec, want.get(p))
                 if p not in fwd['open']: continue
@@ -325,59 +340,18 @@ class AttnRecorder(MeanMaps, Probe, AttnConsumer, Callback):
                 if not red.done: continue
                 del fwd['open'][p]
                 out = red.result(fwd['bias'])  # full map (k=1) or block means, key means: of the softmax plus the bias
-                by = self.recording.biases.setdefault(name, {}) if b is not None else None
-                if by is not None and (self._cur['epoch'] not in by or self._cur['split'] == 'train'):
+                epoch, split = f.cur['epoch'], f.cur['split']
+                if b is not None and self.sink.wants_bias(name, epoch, latest=split == 'train'):
                     bo = fwd['bias'].result()  # the layer's bias once a pass and epoch (training changes it: the latest is kept)
-                    by[self._cur['epoch']] = dict(weights=to_host(bo['weights'].float()), key_attn=to_host(bo['key_attn'].float()))
+                    self.sink.add_bias(name, epoch, dict(weights=to_host(bo['weights'].float()), key_attn=to_host(bo['key_attn'].float())))
                 if rec:
                     # from a GPU into pinned memory without waiting: `_keep` waits once per batch
                     r = dict(weights=to_host(out['weights'].to(self.dtype)), key_attn=to_host(out['key_attn'].to(self.dtype)),
                              entropy=to_host(out['entropy'].float()), idx=didx, sample=p // nv, layer=name,
-                             var=p % nv if nv > 1 else None, call=self._calls.get(id(layer), 0),
-                             tag=self.tag, forward=self._forward, **self._cur)
+                             var=p % nv if nv > 1 else None, call=f.calls.get(id(layer), 0),
+                             tag=self.tag, forward=f.count, **f.cur)
                     if self.stats: r['stats'] = to_host(out['stats'])                                # [H, 7]
                     if b is not None: r['softmax'] = to_host(out['softmax'].to(self.dtype))          # softmax + bias == weights
                     if softmax.is_cuda: self._on_gpu = softmax.device
-                    self._pending.append(r)
-                if agg: self._batch_red.append(out['weights'][None])                             # [1, H, l, l]
-
-    def _record_size(self, H, Lq, L, k, biased=False):
-        "A record's arrays as meta tensors: what `_fits` counts before a map is computed"
-        h, lq, l = H if self.heads is None else len(self.heads), -(-Lq // k), -(-L // k)
-        e = lambda *s, dtype=self.dtype: torch.empty(*s, dtype=dtype, device='meta')
-        return dict(weights=e(h, lq, l), softmax=e(h, lq, l) if biased else None, key_attn=e(h, L), entropy=e(h, Lq, dtype=torch.float32))
-
-    def _fits(self, r):
-        "Whether record `r` fits the memory budget; warn once when it does not"
-        new = _record_bytes(r)
-        if self._used + new <= self.max_mem * 2**20:
-            self._used += new
-            return True
-        self._full,self._want = True,[]
-        warnings.warn(f"AttnRecorder stopped storing after {len(self.recording) + len(self._pending)} records: the next would "
-                      f"pass max_mem={self.max_mem} MB. Keep what is recorded, or pass a larger max_mem, fewer samples or "
-                      f"batches, or max_len=... to store reduced maps.")
-        return False
-
-    def _auto_len(self, L, H, n_layers, biased=False):
-        "max_len='auto': None (full maps) when what this pass records fits max_mem, else the largest side that fits"
-        if L is None: return None
-        dl = self.learn.dl
-        if self.idxs is not None: n = len(self.idxs)
-        else:
-            per = len(self.samples) if self.samples is not None else (getattr(dl, 'bs', None) or 1)
-            n = per * (len(dl) if self.batches is None else len(self.batches))
-        n *= n_layers
-        groups = 0 if not self.aggregate else 1 + len(self._info.get('vocab') or []) + (self.bins if isinstance(self.bins, int) else 4)
-        item = torch.finfo(self.dtype).bits // 8
-        budget = self.max_mem * 2**20 - self._used - n * 2 * H * L * 4  # key attention and entropy stay at full resolution
-        per_cell = H * (n * item * (2 if biased else 1) + groups * 8)     # records (and their softmax parts), the float64 sums of mean maps
-        if per_cell == 0 or budget >= per_cell * L * L: return None
-        side = max(int(math.sqrt(max(budget, 0) / per_cell)), 1)
-        if not self._said_auto:
-            warnings.warn(f"AttnRecorder(max_len='auto'): full maps are {H}×{L}×{L} cells a record ({H * L * L * item / 2**20:.0f} MB "
-                          f"in {str(self.dtype).replace('torch.', '')}); to fit {n} records in max_mem={self.max_mem} MB they are "
-                          f"block-averaged to at most {side}×{side}. Pass max_len=None with a larger max_mem (or fewer samples) "
-                          "for full maps, or max_len=N to choose.")
-            self._said_auto = True
-        return side
+                    f.pending.append(r)
+                if agg: f.maps.append(out['weights'][None])                                      # [1, H, l, l]

@@ -129,11 +129,11 @@ class ProbeLog:
         beside = any(isinstance(t, WandbTracker) for t in found)  # a WandbCallback owns W&B's steps
         return [as_tracker(o, commit=not beside) for o in listify(self.log_to)]
 
-    def log(self, recorder, epoch:int):
-        "Log `recorder`'s probe of `epoch` to each tracker"
-        ts = self.trackers(recorder.learn)
+    def log(self, learn, recording, epoch:int):
+        "Log the probe of `epoch` in `recording` to each tracker of this fit (`learn`'s, or `log_to`'s)"
+        ts = self.trackers(learn)
         if not ts: return
-        figs, scalars = probe_logs(recorder.recording, epoch)
+        figs, scalars = probe_logs(recording, epoch)
         try:
             for t in ts: t.log(figs, scalars, epoch)
         finally:
