@@ -43,10 +43,11 @@ __all__ = __all__ + _tk.__all__
 # %% ../nbs/99_all.ipynb #a9395e95
 from .core.checks import *  # the one argument check of every entry point
 from .record.export import *  # exportable: what learn.export() pickles, nothing of this package
+from .record.store import *  # recordings on disk: RecordingWriter, AttnRecording.open, save(dir)
 from .explain.attributions import *  # Captum's attributions over time steps (Captum is imported when a method runs)
 from .explain.planted import *  # a planted ground truth: planted_motifs
 from .explain.faithfulness import *  # ROAD, average precision and precision at k against a ground truth
 from .core import checks as _ck
-from .record import export as _ex
+from .record import export as _ex, store as _st
 from .explain import attributions as _at, planted as _pl, faithfulness as _fa
-__all__ = __all__ + _ck.__all__ + _ex.__all__ + _at.__all__ + _pl.__all__ + _fa.__all__
+__all__ = __all__ + _ck.__all__ + _ex.__all__ + _st.__all__ + _at.__all__ + _pl.__all__ + _fa.__all__
