@@ -13,7 +13,9 @@ k = 5, 10, 20, 30, 40, 50%. AOPC = the mean over k (then over items). Higher is 
 removes the top (MoRF) or bottom (LeRF) 10..50% of the steps by noisy linear imputation, which keeps the series in
 distribution: the mean probability of the predicted class, lower for MoRF and higher for LeRF = more faithful. Captum's
 attributions (integrated gradients, saliency, input × gradient, gradient SHAP, feature ablation in windows) are scored
-beside the attention-based methods, with Captum's infidelity on the first items. Random rankings (5 seeds
+beside the attention-based methods, with Captum's infidelity and sensitivity_max on the first items (sensitivity_max:
+8 items, 5 copies each from the L∞ ball of radius 0.02 around the standardised input, each explained for the intact
+item's class: the largest relative change of the relevance; lower is steadier; `SENS`). Random rankings (5 seeds
 or more, mean ± sd over seeds) are the floor; 'occlusion' (a sliding window, replaced by the item's mean) is the
 model-agnostic reference; tsai's `learn.step_importance` (permutation of each step across the validation set; one
 ranking for every item, computed with the validation labels) is tsai's own. The perturbations are applied to the input
@@ -21,6 +23,8 @@ as the model sees it (after the Learner's batch transforms), as relevance is com
 
     python bench/faithfulness.py --quick      # a few minutes on 2 CPU cores: fewer epochs and items, 5 random seeds
     python bench/faithfulness.py              # every validation item, 10 random seeds
+    python bench/faithfulness.py --items 40 --out F.json   # at most 40 validation items per dataset; results as JSON
+    python bench/faithfulness.py --table F.json            # the markdown tables of docs/faithfulness.md from that JSON
 """
 import argparse, os, sys, time, json, warnings, importlib.util
 os.environ.setdefault('MPLBACKEND', 'Agg')
@@ -120,13 +124,13 @@ def methods_for(model)->list: # (label, method, part)
         if eRPE: out.append((f'{m}·softmax', m, 'softmax'))
     return out + [('occlusion', 'occlusion', 'effective')] + [(m, m, 'captum') for m in CAPTUM_METHODS]
 
-def relevance_of(model, x, m, part, L, quick):
+def relevance_of(model, x, m, part, L, quick, target:int=None):
     "One method's relevance [n, L]: Captum's (magnitudes; feature ablation in windows of L/50 steps) or the package's"
     if part == 'captum':
         kw = dict(feature_mask=(torch.arange(L) // max(1, L // 50)).expand(1, x.shape[1], L)) if m == 'feature_ablation' else {}
-        r = captum_relevance(model, x, m, **kw)
+        r = captum_relevance(model, x, m, target=target, **kw)
         return r if m == 'feature_ablation' else np.abs(r)
-    return model_relevance(model, x, m, part=part, stride=1 if not quick else max(1, L // 50))
+    return model_relevance(model, x, m, part=part, target=target, stride=1 if not quick else max(1, L // 50))
 
 def infidelity_of(model, x, c, rel, k:int=8)->float:
     "Captum's infidelity of a relevance over steps (spread evenly over the variables), on the first k items"
@@ -135,6 +139,25 @@ def infidelity_of(model, x, c, rel, k:int=8)->float:
     attr = torch.as_tensor(np.asarray(rel[:k]), dtype=torch.float32)[:, None].expand(-1, x.shape[1], -1) / x.shape[1]
     torch.manual_seed(0)
     return float(infidelity(model, perturb, x[:k], attr, target=c[:k], n_perturb_samples=10).mean())
+
+SENS = dict(k=8, n_perturb_samples=5, perturb_radius=0.02)  # sensitivity_max: items scored, perturbed copies each, L∞ radius
+
+def sensitivity_of(model, x, c, m, part, L, quick, k:int=SENS['k'])->float:
+    """Captum's sensitivity_max of one method on the first k items: the largest relative change (Frobenius norm of the
+    difference over the norm of the intact item's relevance) over n_perturb_samples copies drawn uniformly from the L∞
+    ball of radius perturb_radius (the inputs are standardised) around each item; each copy explains the intact item's class"""
+    from captum.metrics import sensitivity_max
+    def explain(inp, target):
+        xb = inp[0] if isinstance(inp, tuple) else inp                        # Captum passes a tuple of inputs
+        out = torch.zeros(xb.shape[0], L)
+        with torch.enable_grad():                                            # sensitivity_max calls this under no_grad
+            for t in target.unique().tolist():                               # one call per class: target= is one number
+                i = (target == t).nonzero()[:, 0]
+                out[i] = torch.as_tensor(np.asarray(relevance_of(model, xb[i], m, part, L, quick, target=t)), dtype=torch.float32)
+        return (out,)                                                        # [n, L], as a tuple: Captum iterates over what it gets
+    torch.manual_seed(0)
+    return float(sensitivity_max(explain, x[:k], n_perturb_samples=SENS['n_perturb_samples'],
+                                 perturb_radius=SENS['perturb_radius'], target=c[:k]).mean())
 
 def run(quick:bool, datasets, model_names, seeds:int, max_items:int|None, epochs:dict, out=None):
     rows, t_all = [], time.time()
@@ -176,6 +199,11 @@ def run(quick:bool, datasets, model_names, seeds:int, max_items:int|None, epochs
                 rank = np.argsort(order, 1)                                        # step -> its rank; relevance = -rank
                 res.setdefault(lab, {})['road'] = [float(road(model, x, -rank, c, order=o).mean()) for o in ('morf', 'lerf')]
                 if lab in rels: res[lab]['infidelity'] = infidelity_of(model, x, c, rels[lab])
+            for label, m, part in methods_for(model):                              # Captum's sensitivity_max
+                if label not in rels: continue
+                t1 = time.time()
+                res[label]['sensitivity'] = sensitivity_of(model, x, c, m, part, L, quick)
+                rels[label + '_sens_time'] = time.time() - t1
             road_rnd = res['random0'].pop('road')
             rnd = [res.pop(f'random{i}') for i in range(seeds)]                   # seeds × {fill: [del, ins]}
             rnd = {f: [r[f] for r in rnd] for f in FILLS}
@@ -184,9 +212,13 @@ def run(quick:bool, datasets, model_names, seeds:int, max_items:int|None, epochs
             res['random']['road'] = road_rnd
             rows.append(dict(model=name, dataset=ds, acc=acc, n_items=len(idx), seq_len=L, n_vars=X.shape[1], train_s=t_train,
                              eval_s=time.time() - t0 - t_train, res=res,
-                             times={k[:-5]: v for k, v in rels.items() if k.endswith('_time')}))
+                             times={k[:-5]: v for k, v in rels.items() if k.endswith('_time') and not k.endswith('_sens_time')},
+                             sens_times={k[:-10]: v for k, v in rels.items() if k.endswith('_sens_time')},
+                             sens=dict(SENS, k=min(SENS['k'], len(idx))), epochs=epochs[ds], seeds=seeds))
             print(f"# {name} on {ds}: validation accuracy {acc:.3f}, {len(idx)} items, seq_len {L}, {X.shape[1]} variables; "
                   f"trained {epochs[ds]} epochs in {t_train:.0f} s, measured in {rows[-1]['eval_s']:.0f} s", flush=True)
+            if out:                                                                # what finished survives a stopped run
+                with open(out, 'w') as f: json.dump(rows, f, indent=1)
     table(rows, seeds)
     print(f"# total {time.time() - t_all:.0f} s", flush=True)
     if out:
@@ -214,15 +246,56 @@ def table(rows, seeds:int):
             label = f'random ({seeds} seeds)' if m == 'random' else m
             print(f"{r['model']:<13}{r['dataset']:<13}{label:<24}{cells}")
     print("\nROAD (noisy linear imputation, 10..50% of the steps removed): mean probability of the predicted class; MoRF lower "
-          "and LeRF higher = more faithful. Captum's infidelity (first 8 items; lower is better). Seconds per item.")
-    print(f"{'model':<13}{'dataset':<13}{'method':<24}{'MoRF':>10}{'LeRF':>10}{'infidelity':>12}{'s/item':>10}")
+          "and LeRF higher = more faithful. Captum's infidelity (first 8 items; lower is better), sensitivity_max (first "
+          f"{rows[0]['sens']['k'] if rows else SENS['k']} items, {SENS['n_perturb_samples']} perturbations of radius {SENS['perturb_radius']}; lower is steadier). Seconds per item.")
+    print(f"{'model':<13}{'dataset':<13}{'method':<24}{'MoRF':>10}{'LeRF':>10}{'infidelity':>12}{'sens_max':>10}{'s/item':>10}")
     for r in rows:
         for m, v in r['res'].items():
             if 'road' not in v: continue
             inf = f"{v['infidelity']:12.4f}" if 'infidelity' in v else f"{'':>12}"
+            sen = f"{v['sensitivity']:10.4f}" if 'sensitivity' in v else f"{'':>10}"
             t = r['times'].get(m)
             ts = f"{t / r['n_items']:10.3f}" if t is not None else f"{'':>10}"
-            print(f"{r['model']:<13}{r['dataset']:<13}{m:<24}{v['road'][0]:10.4f}{v['road'][1]:10.4f}{inf}{ts}")
+            print(f"{r['model']:<13}{r['dataset']:<13}{m:<24}{v['road'][0]:10.4f}{v['road'][1]:10.4f}{inf}{sen}{ts}")
+
+def _f(v, d=3): return '' if v is None else f"{v:.{d}f}"
+
+def markdown(rows)->str:
+    "The run's tables in markdown: one per model × dataset (every metric), then ROAD MoRF and deletion (interpolated) side by side"
+    out = []
+    for r in rows:
+        res, rnd = r['res'], r['res']['random']
+        s = r.get('sens', SENS)
+        out.append(f"**{r['model']} on {r['dataset']}** (validation accuracy {r['acc']:.2f}; {r['n_items']} items, seq_len "
+                   f"{r['seq_len']}, {r['n_vars']} variables; trained {r.get('epochs', '?')} epochs in {r['train_s']:.0f} s, "
+                   f"measured in {r['eval_s']:.0f} s; sensitivity_max on {s['k']} items × {s['n_perturb_samples']} perturbations)\n")
+        out.append("| method | del. AOPC mean (×rnd) | del. AOPC interp. (×rnd) | ins. AOPC interp. | ROAD MoRF ↓ | ROAD LeRF ↑ "
+                   "| infidelity ↓ | sensitivity_max ↓ | s / item | sens. s / item |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for m in ['random'] + [m for m in res if m not in ('random', 'random_sd')]:
+            v = res[m]
+            def cell(f, j):
+                x, b = v[f][j], rnd[f][j]
+                if m == 'random': return f"{x:.3f} ± {res['random_sd'][f][j]:.3f}"
+                return f"{x:.3f} ({x / b:.1f}×)" if b >= 0.01 else f"{x:.3f}"
+            road = v.get('road', [None, None])
+            t, st = r['times'].get(m), r.get('sens_times', {}).get(m)
+            out.append(f"| {m}{' (' + str(r.get('seeds', '')) + ' seeds)' if m == 'random' else ''} | {cell('mean', 0)} "
+                       f"| {cell('interpolate', 0)} | {_f(v['interpolate'][1])} | {_f(road[0])} | {_f(road[1])} "
+                       f"| {_f(v.get('infidelity'), 4)} | {_f(v.get('sensitivity'))} "
+                       f"| {_f(None if t is None else t / r['n_items'])} | {_f(None if st is None else st / s['k'], 2)} |")
+        out.append('')
+    methods = ['random'] + [m for m in dict.fromkeys(m for r in rows for m in r['res']) if m not in ('random', 'random_sd')]
+    cols = [f"{r['model']} {r['dataset']}" for r in rows]
+    for title, get in (("ROAD MoRF (lower = more faithful; random's row is the floor)", lambda v: _f(v.get('road', [None])[0])),
+                       ("Deletion AOPC, interpolation fill (higher = more faithful)", lambda v: _f(v['interpolate'][0]))):
+        out.append(f"**{title}**\n")
+        out.append('| method | ' + ' | '.join(cols) + ' |')
+        out.append('|---|' + '---:|' * len(cols))
+        for m in methods:
+            out.append(f"| {m} | " + ' | '.join(get(r['res'][m]) if m in r['res'] else 'n/a' for r in rows) + ' |')
+        out.append('')
+    return '\n'.join(out)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -233,13 +306,17 @@ def main(argv=None):
     p.add_argument('--seeds', type=int, default=None, help='random rankings (default 5 quick, 10 full)')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--out', default=None, help='write the results as JSON here')
+    p.add_argument('--items', type=int, default=None, help='at most this many validation items per dataset (default: 16 quick, all full)')
+    p.add_argument('--table', default=None, metavar='JSON', help='print the markdown tables of a run written by --out, and stop')
     a = p.parse_args(argv)
+    if a.table:
+        with open(a.table) as f: return print(markdown(json.load(f)))
     torch.set_num_threads(a.threads)
     names = a.models.split(',') if a.models else [m for m in ('ConvTranPlus', 'TSTPlus') if m in models()]
     if bad := [m for m in names if m not in models()]: p.error(f"--models: {bad} unknown; use {', '.join(models())}")
     epochs = dict(BasicMotions=20, GunPoint=20, Coffee=20) if a.quick else dict(BasicMotions=30, GunPoint=30, Coffee=30)
     seeds = a.seeds or (5 if a.quick else 10)
     if seeds < 5: p.error('--seeds: use 5 or more random rankings')
-    run(a.quick, a.datasets.split(','), names, seeds, 16 if a.quick else None, epochs, a.out)
+    run(a.quick, a.datasets.split(','), names, seeds, a.items or (16 if a.quick else None), epochs, a.out)
 
 if __name__ == '__main__': main()
