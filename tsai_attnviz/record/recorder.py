@@ -254,8 +254,9 @@ class AttnRecorder(AttnConsumer, Callback):
         adapter = adapter_for(model, 'AttnRecorder')  # an error naming the supported architectures when there is none
         sel = self.select.layers_of(model)
         self._shape = _model_input(model)
-        if split != 'probe': self._prepare(sel)
-        if split != 'probe': self.select.n_batches = 0  # batches this part of the pass had
+        if split != 'probe':
+            self._prepare(sel)
+            self.select.n_batches = 0  # batches this part of the pass had
         if self._attached is not None: return  # already attached in this pass
         # only the selected layers; those swapped here keep nothing, and get their stock classes back at `_detach` (`restore`)
         self._attached = attached(model, self, layers=[m for _, m in sel], restore=self.restore, who='AttnRecorder')

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastcore.basics import patch
-from .recording import AttnRecording, save as _save_npz
+from .recording import AttnRecording
+_save_npz = AttnRecording.save  # the .npz writer (fastcore's patch leaves the module name `save` None), before save learns directories
 
 # %% auto #0
 __all__ = ['STORE_FORMAT', 'STORE_VERSION', 'model_signature', 'RecordingWriter', 'LazyRecord']
