@@ -312,7 +312,6 @@ def test_rollouts_stay_in_their_branch():
     torch.manual_seed(0)
     m, x = MultiTSTPlus([2, 3], 2, 16, n_layers=2, d_model=16, n_heads=2).eval(), torch.randn(2, 5, 16)
     last = 'backbone.0.branches.1.encoder.layers.1.self_attn'
-    # (gradient methods can't run on MultiTSTPlus: tsai writes in place into the views its split returns)
     # the rollout of branch 1's two layers alone, from the stock maps read with hooks
     from tsai.models.layers import MultiheadAttention
     maps = []
@@ -324,3 +323,22 @@ def test_rollouts_stay_in_their_branch():
         for h in hs: h.remove()
     want = attention_rollout([a.mean(1) for a in maps]).mean(-2).numpy()
     np.testing.assert_allclose(model_relevance(m, x, 'rollout', layer=last), want, rtol=1e-5, atol=1e-7)
+
+def test_gradient_methods_on_multitstplus():
+    "MultiTSTPlus's branches write into views of its split (NaNs to 0 in place): every gradient method runs anyway, left as it was"
+    from tsai.models.TSTPlus import MultiTSTPlus
+    torch.manual_seed(0)
+    m, x = MultiTSTPlus([2, 3], 2, 16, n_layers=1, d_model=16, n_heads=2).eval(), torch.randn(3, 5, 16)
+    with pytest.raises(RuntimeError, match='is a view and is being modified inplace'): m(x.clone().requires_grad_()).sum().backward()
+    # saliency by hand: |d logit(predicted) / dx| summed over variables, each branch on a copy of its part of the split
+    xh = x.clone().requires_grad_()
+    out = m.head(torch.cat([b(xi.clone()) for xi, b in zip(torch.split(xh, [2, 3], dim=1), m.backbone[0].branches)], 1))
+    out.gather(1, out.argmax(1, keepdim=True)).sum().backward()
+    np.testing.assert_allclose(model_relevance(m, x, 'saliency'), xh.grad.abs().sum(1).numpy(), rtol=1e-5, atol=1e-7)
+    last = 'backbone.0.branches.1.encoder.layers.0.self_attn'
+    one = model_relevance(m, x, 'grad_attention', layer=last)
+    assert np.isfinite(one).all() and np.abs(one).sum() > 0
+    np.testing.assert_allclose(model_relevance(m, x, 'grad_rollout', layer=last), one, rtol=1e-5, atol=1e-7 * float(np.abs(one).max()))
+    for method in ('integrated_gradients', 'input_x_gradient', 'gradient_shap'):
+        assert np.isfinite(model_relevance(m, x, method)).all(), method
+    assert sum(len(b._forward_pre_hooks) + len(b._forward_hooks) for b in m.modules()) == 0

@@ -19,7 +19,7 @@ from ..core.layers import _NOT_KEPT
 # %% auto #0
 __all__ = ['ADAPTERS', 'ArchAdapter', 'time_spans', 'conv_spans', 'probe_spans', 'spread_to_steps', 'register', 'supported',
            'layer_adapter', 'no_attention_error', 'adapters_for', 'adapter_for', 'attention_layers', 'swap_attention',
-           'unswap_attention', 'tokens_of']
+           'unswap_attention', 'tokens_of', 'grad_safe']
 
 # %% ../../nbs/10_arch.ipynb #ar000007
 class ArchAdapter:
@@ -190,6 +190,21 @@ def forward_bytes(self:ArchAdapter, layer:nn.Module, args:tuple, kwargs:dict)->i
     "Bytes per item that a forward without gradients of this call of `layer` holds at once beyond its inputs and outputs; None: unknown"
     return None
 
+
+# %% ../../nbs/10_arch.ipynb #95e4c536
+@patch
+def grad_safe(self:ArchAdapter, model:nn.Module)->contextlib.AbstractContextManager:
+    "A context in which a backward pass through `model`'s modules of this family works: by default nothing to do"
+    return contextlib.nullcontext()
+
+def grad_safe(model:nn.Module)->contextlib.ExitStack:
+    "A context in which gradients flow through `model` as its families need (any model: one without attention layers is left as it is)"
+    stack = contextlib.ExitStack()
+    try:
+        for a in ADAPTERS:
+            if a.layers(model): stack.enter_context(a.grad_safe(model))
+    except BaseException: stack.close(); raise
+    return stack
 
 # %% ../../nbs/10_arch.ipynb #ar000013
 # every module of this package is a family: importing them registers their adapters

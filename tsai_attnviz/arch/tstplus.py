@@ -191,3 +191,18 @@ class TSTPlusAdapter(ArchAdapter):
         return None
 
 TSTPLUS = register(TSTPlusAdapter())
+
+# %% ../../nbs/12_arch_tstplus.ipynb #0efefb70
+from contextlib import contextmanager
+from fastcore.basics import patch
+
+def _copied_input(m, args): return tuple(a.clone() if torch.is_tensor(a) and torch.is_grad_enabled() else a for a in args)
+
+@patch
+@contextmanager
+def grad_safe(self:TSTPlusAdapter, model:nn.Module):
+    "Each `_TSTBackbone` gets a copy of its input while gradients are taken: it writes into it in place (NaNs to 0)"
+    hooks = [m.register_forward_pre_hook(_copied_input) for m in model.modules() if isinstance(m, _TSTBackbone)]
+    try: yield
+    finally:
+        for h in hooks: h.remove()

@@ -52,6 +52,7 @@ def _targets(model, x, task:str, target, bs:int)->torch.Tensor|None: # [n] class
 
 # %% ../../nbs/40_explain_attributions.ipynb #9a44e855
 from contextlib import contextmanager
+from ..arch import grad_safe  # what a family's modules need for a backward pass (MultiTSTPlus: copies of its split)
 
 @contextmanager
 def _seeded(seed:int, device):
@@ -96,7 +97,7 @@ def captum_relevance(model:nn.Module, # any model: [n, c_in, seq_len] -> logits 
             key = CAPTUM_METHODS[method][1]
             if key == 'internal_batch_size': kb.setdefault(key, max(bs, len(xb)))
             elif key == 'perturbations_per_eval': kb.setdefault(key, max(1, bs // len(xb)))
-            with _seeded(seed, x.device): a = cls(f).attribute(xb, target=tb, **kb)   # [step, c_in, seq_len]
+            with _seeded(seed, x.device), grad_safe(model): a = cls(f).attribute(xb, target=tb, **kb)   # [step, c_in, seq_len]
             out.append(a.detach().float().cpu())
         a = torch.cat(out)
         return (a if per_var else a.sum(1)).numpy()

@@ -27,7 +27,7 @@ from tsai.models.RNNAttentionPlus import _MultiHeadAttention as _RNNAttentionPlu
 from tsai.models.layers import MultiheadAttention as _TSTPlusMHA
 from tsai.models.PatchTST import _ScaledDotProductAttention as _PatchTSTSDP
 from tsai.models.TSPerceiver import Attention as _PerceiverAttention
-from ..arch import (layer_adapter, attention_layers, adapters_for, swap_attention, unswap_attention, tokens_of,
+from ..arch import (grad_safe, layer_adapter, attention_layers, adapters_for, swap_attention, unswap_attention, tokens_of,
                                spread_to_steps)
 from ..data import check_X, target_info, class_index
 from ..show.plot import _finish
@@ -429,7 +429,7 @@ def model_relevance(model:nn.Module, # a model with supported attention layers (
             with Workspace(model) as ws, torch.no_grad(): _out(model, x[:1])
             fit = int(max_mem * 2**20 // max(3 * ws.bytes, 1))
             return captum_relevance(model, x, method, target, task, per_var, bs=max(1, min(int(bs), fit)), **kwargs)
-        with (_grad_maps(model, None if method == 'grad_rollout' else layer) if method in GRAD_METHODS else ExitStack()):
+        with (_grad_maps(model, None if method == 'grad_rollout' else layer) if method in GRAD_METHODS else ExitStack()), grad_safe(model):
             with Workspace(model) as ws: rel = [_attention_relevance(model, x[:1], method, layer, head, target, task, part)]
             # items per forward: at most bs, and what fits max_mem (the maps kept and the backward's hold about twice the forward's)
             per = ws.bytes * (3 if method in GRAD_METHODS else 1)
