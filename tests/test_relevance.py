@@ -209,7 +209,7 @@ def test_tstplus_learner(bm_data):
         no_leftovers(learn.model)
 
 def _family_models():
-    from tsai.models.TSTPlus import TSTPlus
+    from tsai.models.TSTPlus import TSTPlus, MultiTSTPlus
     from tsai.models.TSiTPlus import TSiTPlus
     from tsai.models.PatchTST import PatchTST
     from tsai.models.TransformerModel import TransformerModel
@@ -220,6 +220,7 @@ def _family_models():
                 TSTPlus=TSTPlus(4, 3, 32, n_layers=2, d_model=16, n_heads=2),
                 TSTPlus_conv=TSTPlus(4, 3, 32, max_seq_len=16, n_layers=2, d_model=16, n_heads=2),  # tokens of 2 steps
                 TSiTPlus=TSiTPlus(4, 3, 32, depth=2, d_model=16, n_heads=2),                          # a cls token
+                MultiTSTPlus=MultiTSTPlus([1, 3], 3, 32, n_layers=2, d_model=16, n_heads=2),         # branches on views of a split
                 PatchTST=PatchTST(4, 4, 32, 8, n_layers=2, d_model=16, n_heads=2, patch_len=8, stride=4),  # per variable, patches
                 TransformerModel=TransformerModel(4, 3, d_model=16, n_head=2, n_layers=2),            # maps recomputed
                 TSPerceiver=TSPerceiver(4, 3, 32, n_latents=8, d_latent=16, d_context=16, n_layers=1),  # cross-attention
