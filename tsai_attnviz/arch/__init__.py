@@ -19,7 +19,7 @@ from ..core.layers import _NOT_KEPT
 # %% auto #0
 __all__ = ['ADAPTERS', 'ArchAdapter', 'time_spans', 'conv_spans', 'probe_spans', 'spread_to_steps', 'register', 'supported',
            'layer_adapter', 'no_attention_error', 'adapters_for', 'adapter_for', 'attention_layers', 'swap_attention',
-           'unswap_attention', 'tokens_of', 'grad_safe']
+           'unswap_attention', 'tokens_of', 'call_args', 'grad_safe']
 
 # %% ../../nbs/10_arch.ipynb #ar000007
 class ArchAdapter:
@@ -190,6 +190,21 @@ def forward_bytes(self:ArchAdapter, layer:nn.Module, args:tuple, kwargs:dict)->i
     "Bytes per item that a forward without gradients of this call of `layer` holds at once beyond its inputs and outputs; None: unknown"
     return None
 
+
+# %% ../../nbs/10_arch.ipynb #2ce7263b
+import inspect
+
+def call_args(layer:nn.Module, args:tuple, kwargs:dict)->dict:
+    "The arguments of one call of `layer`'s forward, by name (defaults left out)"
+    return inspect.signature(layer.forward).bind(*args, **kwargs).arguments
+
+@patch
+def value_vectors(self:ArchAdapter, layer:nn.Module, a:dict, # the arguments of one call of `layer`, by name (`call_args`)
+                  model:nn.Module=None, # the model that holds it, for families whose output projection lives outside the layer
+                 )->torch.Tensor: # [rows, H, Lk, d]: f(x_j) per head and key
+    "Each key's value as it reaches the layer's output (f(x_j) of Kobayashi et al. 2020), what 'value_norm' weighs attention by"
+    raise ValueError(f"method='value_norm' does not know how the values of {type(layer).__name__} ({self.name}) reach its output. "
+                     "Use method='attention' or 'grad_attention'.")
 
 # %% ../../nbs/10_arch.ipynb #95e4c536
 @patch

@@ -204,3 +204,13 @@ def bias_map(self:ConvTranPlusAdapter, layer:nn.Module)->torch.Tensor|None: # [n
     "eRPE's relative bias of `layer` (stock, swapped or fused alike), as the forward adds it; None for the other layers"
     return Attention_Rel_Scl_With_Weights.relative_bias(layer) if self.adds_bias(layer) else None
 
+
+# %% ../../nbs/11_arch_convtranplus.ipynb #380e7a9d
+from fastcore.basics import patch
+
+@patch
+def value_vectors(self:ConvTranPlusAdapter, layer, a, model=None): # [bs, H, Lk, d_head]
+    "The value projection of each key, per head"
+    x = a['x']                                                                       # [bs, L, d_model]
+    bs, L, _ = x.shape
+    return layer.value(x).reshape(bs, L, layer.n_heads, -1).transpose(1, 2)

@@ -109,3 +109,15 @@ def forecast_data(X, # [n_samples, n_vars, seq_len]
     if not (isinstance(horizon, (int, np.integer)) and 0 < horizon < L):
         raise ValueError(f"horizon={horizon!r} but the series have {L} steps: use an int in 1..{L - 1} (the rest is the history).")
     return np.ascontiguousarray(X[..., :L - horizon]), np.ascontiguousarray(X[..., L - horizon:])
+
+# %% ../../nbs/13_arch_patchtst.ipynb #1e2aa9c0
+from fastcore.basics import patch
+
+@patch
+def value_vectors(self:PatchTSTAdapter, layer, a, model=None): # [bs·n_vars, H, Lk, d_model]
+    "Each key's projected value through its head's block of the holding `_MultiheadAttention`'s output projection"
+    v = a['v']                                                                       # [bs·n_vars, H, Lk, d_v], projected
+    mha = next((m for m in (model.modules() if model is not None else ()) if getattr(m, 'sdp_attn', None) is layer), None)
+    if mha is None: raise ValueError("value_norm: the _MultiheadAttention that holds this PatchTST layer was not found: pass the whole model.")
+    W = mha.to_out[0].weight.view(-1, mha.n_heads, mha.d_v)                          # [d_model, H, d_v]
+    return torch.einsum('bhld,mhd->bhlm', v, W)

@@ -68,3 +68,14 @@ class TSPerceiverAdapter(ArchAdapter):
         return dict(query=latents(n_q), key=('time step', spans))
 
 TSPERCEIVER = register(TSPerceiverAdapter())
+
+# %% ../../nbs/17_arch_perceiver.ipynb #65fa6c86
+from fastcore.basics import patch
+
+@patch
+def value_vectors(self:TSPerceiverAdapter, layer, a, model=None): # [bs, H, Lk, d_latent]
+    "Each key's value (the second half of `to_kv`) through its head's block of `to_out`"
+    c = a.get('context')
+    if c is None: c = a['x']  # self-attention of the latents
+    v = layer.to_kv(c).chunk(2, dim=-1)[1].view(c.shape[0], -1, layer.n_heads, layer.d_head)  # [bs, Lk, H, d_head]
+    return torch.einsum('blhd,mhd->bhlm', v, layer.to_out[0].weight.view(-1, layer.n_heads, layer.d_head))

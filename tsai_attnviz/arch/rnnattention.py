@@ -51,3 +51,10 @@ class RNNAttentionAdapter(ArchAdapter):
         return rnn.input_size, m.head_nf // (rnn.hidden_size * (1 + rnn.bidirectional))  # head_nf = seq_len · d_model
 
 RNNATTENTION = register(RNNAttentionAdapter())
+
+# %% ../../nbs/15_arch_rnnattention.ipynb #90ca7cf2
+from fastcore.basics import patch
+from .tst import _tst_values
+
+@patch
+def value_vectors(self:RNNAttentionAdapter, layer, a, model=None): return _tst_values(layer, a)

@@ -171,3 +171,18 @@ def forward_bytes(self:TransformerAdapter, layer, args, kwargs):
     L = x.shape[0] if x.dim() == 2 else x.shape[1] if layer.self_attn.batch_first else x.shape[0]
     return 3 * self.n_heads(layer) * L * L * x.element_size()
 
+
+# %% ../../nbs/16_arch_transformer.ipynb #e16eab3f
+@patch
+def value_vectors(self:TransformerAdapter, layer, a, model=None): # [bs, H, Lk, d_model]
+    "Each key's value through the value rows of `in_proj` and its head's block of `out_proj`"
+    mha, x = layer.self_attn, a['src']
+    if x.is_nested: raise ValueError("value_norm: nested (padded) batches are not supported: pass a plain tensor batch.")
+    if x.dim() == 2: x = x[None]
+    elif not mha.batch_first: x = x.transpose(0, 1)                                  # [bs, L, E]
+    if layer.norm_first: x = layer.norm1(x)
+    E, H = mha.embed_dim, mha.num_heads
+    w = mha.in_proj_weight[2 * E:] if mha.in_proj_weight is not None else mha.v_proj_weight
+    b = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * E:]
+    v = F.linear(x, w, b).view(x.shape[0], x.shape[1], H, -1)                        # [bs, L, H, d_head]
+    return torch.einsum('blhd,mhd->bhlm', v, mha.out_proj.weight.view(E, H, -1))

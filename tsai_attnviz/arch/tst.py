@@ -93,3 +93,16 @@ class TSTAdapter(ArchAdapter):
         return dict(query=(kind, spans), key=(kind, spans))
 
 TST_FAMILY = register(TSTAdapter())
+
+# %% ../../nbs/14_arch_tst.ipynb #a38631ac
+from fastcore.basics import patch
+
+def _tst_values(layer, a)->torch.Tensor: # [bs, H, Lk, d_model]
+    "Each key's value through `W_V` and its head's block of `W_O`"
+    V = a['V']                                                                       # [bs, Lk, d_model]
+    v = layer.W_V(V).view(V.size(0), -1, layer.n_heads, layer.d_v)                   # [bs, Lk, H, d_v]
+    W = layer.W_O.weight.view(-1, layer.n_heads, layer.d_v)                          # [d_model, H, d_v]
+    return torch.einsum('blhd,mhd->bhlm', v, W)
+
+@patch
+def value_vectors(self:TSTAdapter, layer, a, model=None): return _tst_values(layer, a)

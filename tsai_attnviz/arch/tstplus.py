@@ -206,3 +206,13 @@ def grad_safe(self:TSTPlusAdapter, model:nn.Module):
     try: yield
     finally:
         for h in hooks: h.remove()
+
+# %% ../../nbs/12_arch_tstplus.ipynb #6fae433c
+@patch
+def value_vectors(self:TSTPlusAdapter, layer, a, model=None): # [bs, H, Lk, d_model]
+    "Each key's value through `W_V` and its head's block of the output projection"
+    V = a.get('V')
+    if V is None: V = a['Q']  # stock: V defaults to Q
+    v = layer.W_V(V).reshape(V.size(0), -1, layer.n_heads, layer.d_v)                # [bs, Lk, H, d_v]
+    W = layer.to_out[0].weight.view(-1, layer.n_heads, layer.d_v)                    # [d_model, H, d_v]
+    return torch.einsum('blhd,mhd->bhlm', v, W)

@@ -20,23 +20,16 @@ import torch.nn.functional as F
 import matplotlib.pyplot as plt
 from fastcore.basics import patch, listify
 from fastai.learner import Learner
-from tsai.models.ConvTranPlus import Attention, Attention_Rel_Scl, Attention_Rel_Vec
-from tsai.models.TST import _MultiHeadAttention as _TSTMHA
-from tsai.models.RNNAttention import _MultiHeadAttention as _RNNAttentionMHA
-from tsai.models.RNNAttentionPlus import _MultiHeadAttention as _RNNAttentionPlusMHA
-from tsai.models.layers import MultiheadAttention as _TSTPlusMHA
-from tsai.models.PatchTST import _ScaledDotProductAttention as _PatchTSTSDP
-from tsai.models.TSPerceiver import Attention as _PerceiverAttention
-from ..arch import (grad_safe, layer_adapter, attention_layers, adapters_for, swap_attention, unswap_attention, tokens_of,
+from ..arch import (grad_safe, call_args, layer_adapter, attention_layers, adapters_for, swap_attention, unswap_attention, tokens_of,
                                spread_to_steps)
 from ..data import check_X, target_info, class_index
 from ..show.plot import _finish
 from ..core.stream import AttnConsumer, attached
 
 # %% auto #0
-__all__ = ['METHODS', 'GRAD_METHODS', 'MODEL_AGNOSTIC', 'PARTS', 'TASKS', 'VALUE_F', 'N_WINDOWS', 'UNITS', 'check_method',
-           'value_vectors', 'attention_rollout', 'grad_rollout', 'fill_steps', 'Workspace', 'model_relevance',
-           'check_relevance_args', 'plot_relevance']
+__all__ = ['METHODS', 'GRAD_METHODS', 'MODEL_AGNOSTIC', 'PARTS', 'TASKS', 'N_WINDOWS', 'UNITS', 'check_method', 'value_vectors',
+           'attention_rollout', 'grad_rollout', 'fill_steps', 'Workspace', 'model_relevance', 'check_relevance_args',
+           'plot_relevance']
 
 # %% ../../nbs/41_explain_relevance.ipynb #2e1e0a07
 METHODS = dict(
@@ -64,71 +57,15 @@ def check_method(method:str):
     return _check(method, METHODS)
 
 # %% ../../nbs/41_explain_relevance.ipynb #2e1e0a10
-def _bind(layer, args, kwargs)->dict:
-    "The arguments of a call of `layer`, by name"
-    return inspect.signature(layer.forward).bind(*args, **kwargs).arguments
-
-def _f_convtranplus(layer, a, model): # [bs, H, Lk, d_head]
-    x = a['x']                                                                       # [bs, L, d_model]
-    bs, L, _ = x.shape
-    return layer.value(x).reshape(bs, L, layer.n_heads, -1).transpose(1, 2)
-
-def _f_tst(layer, a, model): # [bs, H, Lk, d_model]
-    V = a['V']                                                                       # [bs, Lk, d_model]
-    v = layer.W_V(V).view(V.size(0), -1, layer.n_heads, layer.d_v)                   # [bs, Lk, H, d_v]
-    W = layer.W_O.weight.view(-1, layer.n_heads, layer.d_v)                          # [d_model, H, d_v]
-    return torch.einsum('blhd,mhd->bhlm', v, W)
-
-def _f_tstplus(layer, a, model): # [bs, H, Lk, d_model]
-    V = a.get('V')
-    if V is None: V = a['Q']  # stock: V defaults to Q
-    v = layer.W_V(V).reshape(V.size(0), -1, layer.n_heads, layer.d_v)                # [bs, Lk, H, d_v]
-    W = layer.to_out[0].weight.view(-1, layer.n_heads, layer.d_v)                    # [d_model, H, d_v]
-    return torch.einsum('blhd,mhd->bhlm', v, W)
-
-def _f_patchtst(layer, a, model): # [bs·n_vars, H, Lk, d_model]
-    v = a['v']                                                                       # [bs·n_vars, H, Lk, d_v], projected
-    mha = next((m for m in (model.modules() if model is not None else ()) if getattr(m, 'sdp_attn', None) is layer), None)
-    if mha is None: raise ValueError("value_norm: the _MultiheadAttention that holds this PatchTST layer was not found: pass the whole model.")
-    W = mha.to_out[0].weight.view(-1, mha.n_heads, mha.d_v)                          # [d_model, H, d_v]
-    return torch.einsum('bhld,mhd->bhlm', v, W)
-
-def _f_torch(layer, a, model): # [bs, H, Lk, d_model]
-    mha, x = layer.self_attn, a['src']
-    if x.is_nested: raise ValueError("value_norm: nested (padded) batches are not supported: pass a plain tensor batch.")
-    if x.dim() == 2: x = x[None]
-    elif not mha.batch_first: x = x.transpose(0, 1)                                  # [bs, L, E]
-    if layer.norm_first: x = layer.norm1(x)
-    E, H = mha.embed_dim, mha.num_heads
-    w = mha.in_proj_weight[2 * E:] if mha.in_proj_weight is not None else mha.v_proj_weight
-    b = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * E:]
-    v = F.linear(x, w, b).view(x.shape[0], x.shape[1], H, -1)                        # [bs, L, H, d_head]
-    return torch.einsum('blhd,mhd->bhlm', v, mha.out_proj.weight.view(E, H, -1))
-
-def _f_perceiver(layer, a, model): # [bs, H, Lk, d_latent]
-    c = a.get('context')
-    if c is None: c = a['x']  # self-attention of the latents
-    v = layer.to_kv(c).chunk(2, dim=-1)[1].view(c.shape[0], -1, layer.n_heads, layer.d_head)  # [bs, Lk, H, d_head]
-    return torch.einsum('blhd,mhd->bhlm', v, layer.to_out[0].weight.view(-1, layer.n_heads, layer.d_head))
-
-VALUE_F = {(Attention, Attention_Rel_Scl, Attention_Rel_Vec): _f_convtranplus,
-           (_TSTMHA, _RNNAttentionMHA, _RNNAttentionPlusMHA): _f_tst,
-           (_TSTPlusMHA,): _f_tstplus,
-           (_PatchTSTSDP,): _f_patchtst,
-           (nn.TransformerEncoderLayer,): _f_torch,
-           (_PerceiverAttention,): _f_perceiver}  # stock classes (twins are subclasses) -> f(layer, call arguments by name, model)
-
 def value_vectors(layer:nn.Module, # an attention layer, stock or swapped
                   args:tuple, kwargs:dict, # the arguments of one of its calls
                   model:nn.Module=None, # the model that holds it (PatchTST's output projection lives in the layer's parent)
                  )->torch.Tensor: # [rows, H, Lk, d]: f(x_j) per head and key
-    "Each key's value as it reaches the layer's output: f(x_j) of Kobayashi et al. (2020), what 'value_norm' weighs attention by"
-    f = getattr(layer_adapter(layer), 'value_vectors', None)  # a family may say it itself
-    if f is not None: return f(layer, args, kwargs)
-    for classes, f in VALUE_F.items():
-        if isinstance(layer, classes): return f(layer, _bind(layer, args, kwargs), model)
-    raise ValueError(f"method='value_norm' does not know how the values of {type(layer).__name__} reach its output; it knows "
-                     f"{', '.join(c.__name__ for cs in VALUE_F for c in cs)}. Use method='attention' or 'grad_attention'.")
+    "Each key's value as it reaches the layer's output: f(x_j) of Kobayashi et al. (2020), as the layer's family computes it"
+    a = layer_adapter(layer)
+    if a is None: raise ValueError(f"method='value_norm' does not know how the values of {type(layer).__name__} reach its output: it is "
+                                   "no attention layer of a supported family. Use method='attention' or 'grad_attention'.")
+    return a.value_vectors(layer, call_args(layer, args, kwargs), model)
 
 # %% ../../nbs/41_explain_relevance.ipynb #2e1e0a14
 def _square_maps(maps, who:str): # each layer's [..., L, L] as float64
