@@ -25,7 +25,7 @@ from .sink import MemorySink
 from .mean_maps import MeanMaps
 from .probe import Probe
 from .trackers import ProbeLog
-from .distributed import batch_items, drop_padding, check_shard, gather_recording, all_seen, is_main, unwrap_model
+from .distributed import batch_items, drop_padding, check_shard, gather_recording, all_seen, is_main_rank, unwrap_model
 import tsai_attnviz.record.export  # noqa: F401 (learn.export() holds no recorder)
 
 # %% auto #0
@@ -233,7 +233,7 @@ class AttnRecorder(AttnConsumer, Callback):
     def after_validate(self):
         if self._idle or self.every_epoch: return  # validation batches are not what is recorded then
         if self.select.idxs is not None: self.select.saw(all_seen(self.select.seen))  # every rank's, under torch.distributed
-        if is_main() and (msg := self.select.missing()): warnings.warn(f"AttnRecorder: {msg}")
+        if is_main_rank() and (msg := self.select.missing()): warnings.warn(f"AttnRecorder: {msg}")
 
     def __del__(self):
         try: self._end_pass()
@@ -242,7 +242,7 @@ class AttnRecorder(AttnConsumer, Callback):
     # -- the probe ---------------------------------------------------------------------
     def _run_probe(self, epoch):
         "Record the probe items (`Probe`) through the attached layers; log them to the trackers"
-        if not is_main(): return  # under torch.distributed the probe is rank 0's: recorded once
+        if not is_main_rank(): return  # under torch.distributed the probe is rank 0's: recorded once
         x, y, idxs = self.probe_items.items(self.dls)
         model = unwrap_model(self.learn.model)  # DistributedDataParallel's forward would wait for the other ranks
         self._attach(model, 'probe')
