@@ -17,7 +17,7 @@ from tsai_attnviz.record.recorder import AttnRecorder
 from tsai_attnviz.record.distributed import shard_ready
 
 N_VALID, BS, WORLD = 39, 20, 2  # 39 items padded to 40: rank 0 reads 0..19, rank 1 20..38 and item 0 again (padding)
-PROBE, IDXS = [0, 25], [1, 3]  # IDXS: only in rank 0's shard, so rank 1 records nothing
+PROBE, IDXS, SPLIT_IDXS = [0, 25], [1, 3], [3, 30]  # IDXS: only in rank 0's shard, so rank 1 records nothing
 TIMEOUT = 60  # seconds a collective waits before it fails (gloo): a hang fails the test instead of stalling CI
 
 def _learner(n_valid=N_VALID, bs=BS, ready=True, seed=0):
@@ -67,6 +67,10 @@ def _worker(rank, init, out):
             rec = AttnRecorder(idxs=IDXS, aggregate='mean')
             learn.get_preds(cbs=rec)
             res['nothing'] = _rec(rec.recording)
+            # items on both ranks: rank 0, which warns, must not warn of the one on rank 1
+            rec = AttnRecorder(idxs=SPLIT_IDXS)
+            learn.get_preds(cbs=rec)
+            res['both'] = _rec(rec.recording)
             # a 2-epoch fit: the probe, and every validation item of each epoch
             probe, valid = AttnRecorder(every_epoch=True, probe=PROBE), AttnRecorder(batches=None)
             learn.fit(2, 1e-3, cbs=[probe, valid])
@@ -158,14 +162,15 @@ def test_predict_merged(ranks):
     for k in ('seq_len', 'block', 'heads', 'agg_block', 'vocab'): _eq(r0['meta'][k], ref.meta[k])
 
 def test_rank_that_records_nothing(ranks):
-    "idxs only in rank 0's shard: rank 1 records nothing, no rank hangs or warns of missing items"
+    "idxs only in rank 0's shard: rank 1 records nothing, no rank hangs; idxs on both ranks: no warning of missing items"
     r0, r1 = ranks[0]['nothing'], ranks[1]['nothing']
     ref, _ = _one_process(ranks[0]['weights'], idxs=IDXS, aggregate='mean')
     _eq(sorted(r['idx'] for r in r0['records']), IDXS)
     _same_records(r0['records'], ref.records)
     _same_aggregates(r0['aggregates'], ref.aggregates)
     _eq(r1['records'], [])
-    _eq(ranks[0]['warnings'] + ranks[1]['warnings'], [])
+    _eq(sorted(r['idx'] for r in ranks[0]['both']['records']), SPLIT_IDXS)  # 30 is rank 1's
+    _eq(ranks[0]['warnings'] + ranks[1]['warnings'], [])  # rank 0 warns of no idx that rank 1 had
 
 def test_fit_probe_once(ranks):
     "A 2-epoch fit: the probe recorded once (on rank 0), not once per rank; each validation item once an epoch"
