@@ -21,6 +21,7 @@ Modules:
 - `tsai_attnviz.explain.planted`: A synthetic classification set whose relevant time steps are known: each item's class is set by a motif planted at a random window.
 - `tsai_attnviz.explain.relevance`: Which time steps of the input matter to the prediction: five relevance methods, mapped back to time steps, and a plot.
 - `tsai_attnviz.record.budget`: How many MB of records a recorder holds: `Budget` counts them, and chooses the block size when `max_len='auto'`.
+- `tsai_attnviz.record.distributed`: Each rank records the items of its shard; after the pass rank 0 holds the merged recording.
 - `tsai_attnviz.record.export`: What `learn.export()` writes when this package has touched the Learner: nothing of tsai_attnviz.
 - `tsai_attnviz.record.mean_maps`: Mean maps per class or target bin over a pass: what `AttnRecorder(aggregate=...)` keeps.
 - `tsai_attnviz.record.probe`: The probe items that `AttnRecorder(every_epoch=True)` runs through the model before training and after each epoch.

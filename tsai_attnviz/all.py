@@ -51,3 +51,8 @@ from .core import checks as _ck
 from .record import export as _ex, store as _st
 from .explain import attributions as _at, planted as _pl, faithfulness as _fa
 __all__ = __all__ + _ck.__all__ + _ex.__all__ + _st.__all__ + _at.__all__ + _pl.__all__ + _fa.__all__
+
+# %% ../nbs/99_all.ipynb #a58dab56
+from .record.distributed import *  # under torch.distributed: shard_ready for tsai's loaders, gather_recording (imports no fastai.distributed)
+from .record import distributed as _dd
+__all__ = __all__ + _dd.__all__

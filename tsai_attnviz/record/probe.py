@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from .select import batch_idxs
+from .distributed import unwrap_loader
 
 # %% auto #0
 __all__ = ['Probe']
@@ -38,7 +39,7 @@ class Probe:
         "The probe items of `dls`' validation set, gathered once (random streams untouched)"
         if self._batch is not None: return self._batch
         with _rng_kept():
-            dl, xs, ys, found = dls.valid.new(shuffle=False, drop_last=False), [], [], []
+            dl, xs, ys, found = unwrap_loader(dls.valid).new(shuffle=False, drop_last=False), [], [], []  # DistributedDL can't `new`
             for it, b in enumerate(dl):
                 xb, yb = b[0], (b[1] if len(b) > 1 else None)
                 for p, d in enumerate(batch_idxs(dl, it, len(xb))):

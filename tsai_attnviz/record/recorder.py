@@ -19,12 +19,13 @@ from ..arch import adapter_for, layer_adapter, tokens_of
 from ..core.reduce import block_size, MapReducer
 from .recording import AttnRecording, _to_dtype, to_host, host_ready
 from ..data import target_info, nonfinite_message
-from .select import ItemSelection, batch_idxs
+from .select import ItemSelection
 from .budget import Budget
 from .sink import MemorySink
 from .mean_maps import MeanMaps
 from .probe import Probe
 from .trackers import ProbeLog
+from .distributed import batch_items, drop_padding, check_shard, gather_recording, all_seen, is_main_rank, unwrap_model
 import tsai_attnviz.record.export  # noqa: F401 (learn.export() holds no recorder)
 
 # %% auto #0
@@ -41,7 +42,7 @@ class _Forward:
     def __init__(self): self.count,self.cur,self.in_len = 0,dict(batch=0, epoch=0, split='valid'),None; self.batch()
     def batch(self, want=()):
         "A new batch: the items to record, as [(position, dataset index)]; nothing pending"
-        self.want,self.pending,self.maps,self.calls,self.layers = list(want),[],[],{},{}
+        self.want,self.pending,self.maps,self.calls,self.layers,self.keep = list(want),[],[],{},{},None
     def call(self, layer, agg_layer)->int: # the number of this call of `layer` in the forward (shared weights: several)
         "A call of `layer` begins: count it (and the forward, at the first call of the layer aggregates follow); forget its last call's bias and maps"
         c = self.calls[id(layer)] = self.calls.get(id(layer), -1) + 1
@@ -173,6 +174,7 @@ class AttnRecorder(AttnConsumer, Callback):
 
     def before_validate(self):
         if self._idle or self.every_epoch: return  # a probe recorder records the probe, not validation batches
+        self._cleanly(check_shard, self.learn.dl)  # under torch.distributed: a loader that reads its shard (`record.distributed`)
         self._cleanly(self._attach, self.learn.model, 'valid')
 
     def after_epoch(self):
@@ -184,6 +186,7 @@ class AttnRecorder(AttnConsumer, Callback):
 
     def after_fit(self):
         self._in_fit = False
+        if not self._idle and not self._failed: self._cleanly(gather_recording, self.sink.recording)  # under torch.distributed: all on rank 0
         if not self._idle: self._end_pass(error=self._failed)
 
     def before_batch(self):
@@ -195,8 +198,8 @@ class AttnRecorder(AttnConsumer, Callback):
         if xb is None: return
         if self._shape is not None: self._cleanly(check_input, xb, *self._shape, f"{type(self.learn.model).__name__} in this Learner")
         self._fwd.in_len = xb.shape[-1]
-        didx = batch_idxs(self.dl, self.iter, len(xb))
-        want = self.select.positions(self.iter, didx)
+        didx, keep = batch_items(self.dl, self.iter, len(xb))  # keep: None, or False for the padding of a DistributedDL
+        want = [p for p in self.select.positions(self.iter, didx) if keep is None or keep[p]]
         if want and (msg := nonfinite_message(xb, f'batch {self.iter}')):
             ok = torch.isfinite(xb).flatten(1).all(1).tolist()
             skip = [p for p in want if not ok[p]]
@@ -204,6 +207,7 @@ class AttnRecorder(AttnConsumer, Callback):
             warnings.warn(f"AttnRecorder: {msg}. Items {skip} of that batch are not recorded (nor in mean maps).")
         if self.budget.full: want = []
         self._fwd.batch([(p, didx[p]) for p in want])
+        self._fwd.keep = keep
         if self.select.idxs is not None: self.select.saw(didx[p] for p in want)
 
     def after_pred(self): self._keep(self.xb[0], self.yb[0] if len(self.yb) else None, self.pred)
@@ -222,13 +226,14 @@ class AttnRecorder(AttnConsumer, Callback):
             r['target'] = None if yb is None else yb[p].item() if yb[p].numel() == 1 else yb[p].float().cpu()
             r.setdefault('block', self.sink.meta.get('block', 1))
         self.sink.add(f.pending)
-        if f.maps: self.mean_maps.add(self.sink.recording, f.maps, yb, pred, self._info)
+        if f.maps: self.mean_maps.add(self.sink.recording, *drop_padding(f.keep, f.maps, yb, pred), self._info)
         self._stored = self._stored or bool(f.pending or f.maps)
         f.pending,f.maps = [],[]
 
     def after_validate(self):
         if self._idle or self.every_epoch: return  # validation batches are not what is recorded then
-        if msg := self.select.missing(): warnings.warn(f"AttnRecorder: {msg}")
+        if self.select.idxs is not None: self.select.saw(all_seen(self.select.seen))  # every rank's, under torch.distributed
+        if is_main_rank() and (msg := self.select.missing()): warnings.warn(f"AttnRecorder: {msg}")
 
     def __del__(self):
         try: self._end_pass()
@@ -237,8 +242,9 @@ class AttnRecorder(AttnConsumer, Callback):
     # -- the probe ---------------------------------------------------------------------
     def _run_probe(self, epoch):
         "Record the probe items (`Probe`) through the attached layers; log them to the trackers"
+        if not is_main_rank(): return  # under torch.distributed the probe is rank 0's: recorded once
         x, y, idxs = self.probe_items.items(self.dls)
-        model = self.learn.model
+        model = unwrap_model(self.learn.model)  # DistributedDataParallel's forward would wait for the other ranks
         self._attach(model, 'probe')
         self._fwd.batch(list(zip(range(len(idxs)), idxs)))
         self._fwd.cur,self._fwd.in_len = dict(batch=-1, epoch=epoch, split='probe'),x.shape[-1]
@@ -251,6 +257,7 @@ class AttnRecorder(AttnConsumer, Callback):
     # -- layers ------------------------------------------------------------------------
     def _attach(self, model, split='valid'):
         "Check the selection, then attach to the selected layers (`attached`: twins swapped in where needed) until `_detach`"
+        model = unwrap_model(model)  # DistributedDataParallel: the layers are its module's
         adapter = adapter_for(model, 'AttnRecorder')  # an error naming the supported architectures when there is none
         sel = self.select.layers_of(model)
         self._shape = _model_input(model)
@@ -304,7 +311,7 @@ class AttnRecorder(AttnConsumer, Callback):
         "What the queries and keys of `layer` are, in time steps of the input, written once to the recording"
         toks = self.sink.meta.setdefault('tokens', {})
         if name not in toks and self._fwd.in_len is not None:
-            t = tokens_of(self.learn.model, name, layer, self._fwd.in_len, Lq, L)
+            t = tokens_of(unwrap_model(self.learn.model), name, layer, self._fwd.in_len, Lq, L)
             toks[name] = {w: (kind, np.asarray(sp).tolist()) for w, (kind, sp) in t.items()}
 
     def receive(self, chunk:AttnChunk):
