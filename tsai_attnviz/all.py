@@ -20,7 +20,6 @@ from .arch.convtranplus_fast import *
 from .show.learner import *  # patches Learner.show_attention and Learner.record_attention
 from .show.report import *  # patches AttnRecording.to_html and Learner.attention_report
 from .explain.relevance import *  # patches Learner.relevance
-from .record.recording import PARTS  # the parts of a map (relevance has its own, narrower tuple)
 from .record.mean_maps import *
 from .record.probe import *
 import importlib, pkgutil
@@ -30,7 +29,7 @@ from .record import recording as _rg, recorder as _r
 from .show import plot as _p, report as _rep
 from .arch import convtranplus_fast as _f
 from .explain import relevance as _rel
-__all__ = _s.__all__ + _l.__all__ + _a.__all__ + _red.__all__ + _rg.__all__ + _r.__all__ + _p.__all__ + _f.__all__ + _rep.__all__ + [n for n in _rel.__all__ if n != 'PARTS']  # nbdev writes an empty __all__ for a module of imports only
+__all__ = _s.__all__ + _l.__all__ + _a.__all__ + _red.__all__ + _rg.__all__ + _r.__all__ + _p.__all__ + _f.__all__ + _rep.__all__ + _rel.__all__  # nbdev writes an empty __all__ for a module of imports only
 for _m in pkgutil.iter_modules(_a.__path__):  # every family's classes (twins, adapters), as `from tsai_attnviz.arch.<family> import *`
     _fam = importlib.import_module(f'tsai_attnviz.arch.{_m.name}')
     globals().update({k: getattr(_fam, k) for k in _fam.__all__}); __all__ = __all__ + list(_fam.__all__)

@@ -27,7 +27,7 @@ from ..show.plot import _finish
 from ..core.stream import AttnConsumer, attached
 
 # %% auto #0
-__all__ = ['METHODS', 'GRAD_METHODS', 'MODEL_AGNOSTIC', 'PARTS', 'TASKS', 'N_WINDOWS', 'UNITS', 'check_method', 'value_vectors',
+__all__ = ['METHODS', 'GRAD_METHODS', 'MODEL_AGNOSTIC', 'TASKS', 'N_WINDOWS', 'UNITS', 'check_method', 'value_vectors',
            'attention_rollout', 'grad_rollout', 'fill_steps', 'Workspace', 'model_relevance', 'check_relevance_args',
            'plot_relevance']
 
@@ -48,7 +48,7 @@ METHODS = dict(
 GRAD_METHODS = ('grad_attention', 'grad_rollout')  # read the gradient of the prediction with respect to the maps
 from .attributions import CAPTUM_METHODS
 MODEL_AGNOSTIC = ('occlusion',) + tuple(CAPTUM_METHODS)  # read no attention: occlusion and Captum's methods
-PARTS = ('effective', 'softmax')  # eRPE adds an input-independent bias after the softmax: 'effective' includes it
+from ..record.recording import INPUT_PARTS  # 'effective' (eRPE: softmax + its input-independent bias) or 'softmax'
 TASKS = ('classification', 'multilabel', 'regression')
 
 def check_method(method:str):
@@ -345,7 +345,7 @@ def model_relevance(model:nn.Module, # a model with supported attention layers (
     every start), in batches of occluded copies sized by `max_mem` from a trial forward and the family's attention workspace."""
     check_method(method)
     if task not in TASKS: raise ValueError(f"task={task!r}: use one of {TASKS}.")
-    if part not in PARTS: raise ValueError(f"part={part!r}: use 'effective' or 'softmax'.")
+    if part not in INPUT_PARTS: raise ValueError(f"part={part!r}: use 'effective' or 'softmax' (the bias part is the same for every input: it explains no item).")
     if not max_mem > 0: raise ValueError(f"max_mem={max_mem!r}: use a positive number of MB.")
     x = torch.as_tensor(x)
     if x.ndim != 3: raise ValueError(f"x has shape {list(x.shape)}; expected [n_samples, n_vars, seq_len].")
@@ -454,7 +454,7 @@ def relevance(self:Learner,
     "Relevance of each time step of the input for each item, by `method`, through the Learner's batch transforms"
     info = target_info(self)
     c = check_relevance_args(self.model, method, layer, head, target, info, getattr(self.dls, 'c', None))['target']
-    if part not in PARTS: raise ValueError(f"part={part!r}: use 'effective' or 'softmax'.")
+    if part not in INPUT_PARTS: raise ValueError(f"part={part!r}: use 'effective' or 'softmax' (the bias part is the same for every input: it explains no item).")
     if X is not None:
         shape = _input_shape(self.model) or _dls_shape(self.dls)  # the family tells, else tsai's DataLoaders (occlusion takes any model)
         X = check_X(X, *shape) if shape is not None else np.asarray(X, dtype='float32')

@@ -18,12 +18,14 @@ from fastcore.basics import patch
 from ..core.layers import STAT_NAMES, STAT_COMBINE
 
 # %% auto #0
-__all__ = ['PARTS', 'to_host', 'host_ready', 'AttnRecording', 'bin_labels']
+__all__ = ['PARTS', 'INPUT_PARTS', 'PART_NAMES', 'to_host', 'host_ready', 'AttnRecording', 'bin_labels']
 
 # %% ../../nbs/30_record_recording.ipynb #ddc1c7a1
 _DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 _REC_ARRAYS = ('weights', 'softmax', 'key_attn', 'entropy', 'input', 'pred')
-PARTS = ('effective', 'softmax', 'bias')  # the parts of a map (see `AttnRecording.part`)
+PARTS = ('effective', 'softmax', 'bias')  # the parts of a map (see `AttnRecording.part`): the package's one list of them
+INPUT_PARTS = PARTS[:2]  # the parts the input changes: relevance explains one of these (the bias is the same for every input)
+PART_NAMES = dict(effective='effective (the matrix that multiplies the values)', softmax='softmax part', bias='relative bias (eRPE)')  # as figures and the report name them
 _REC_SCALARS = ('target', 'idx', 'batch', 'sample', 'layer', 'tag', 'epoch', 'split', 'forward', 'block', 'var', 'call')
 
 def _to_dtype(dtype):
@@ -331,3 +333,53 @@ def _label_keys(aggs:dict, meta:dict)->tuple:
         aggs['bins'] = {labels[c]: sn for c, sn in aggs['bins'].items()}
         meta = dict(meta, bin_labels=labels)
     return aggs, meta
+
+# %% ../../nbs/30_record_recording.ipynb #c04cce0b
+from fastcore.basics import listify
+from ..core.checks import check_layer, check_idx
+
+_DEFAULT = dict(var=None, call=0)  # records made before variables and calls were recorded
+
+def _select_layer(rec, name:str, idx, batch, sample, where:dict)->list:
+    "The records of one layer for the selected items (the latest pass of each)"
+    recs = [r for r in rec.records if r['layer'] == name]
+    where = dict(where)
+    for k in ('var', 'call'):  # one variable (channel-independent models) and one call at a time: the first recorded
+        if where.get(k) is None and (have := sorted({r.get(k, _DEFAULT[k]) for r in recs} - {None})): where[k] = have[0]
+    for k, v in where.items():
+        if v is None: continue
+        have = sorted({r.get(k, _DEFAULT.get(k)) for r in recs}, key=str)
+        recs = [r for r in recs if r.get(k, _DEFAULT.get(k)) == v]
+        if not recs: raise IndexError(f"{k}={v!r} is not recorded: recorded {k}s are {have}.")
+    latest = lambda rs: max(rs, key=lambda r: r['forward'])  # accumulated passes: the last one, unless chosen
+    if idx is not None:
+        have = sorted({r['idx'] for r in recs if r['idx'] is not None})
+        check_idx(idx, have=have, hint="Record it with AttnRecorder(idxs=[...]) or show_attention(X=...).")
+        return [latest([r for r in recs if r['idx'] == i]) for i in listify(idx)]
+    if batch is None and sample is None: return [latest([r for r in recs if (r['batch'], r['sample']) == (recs[0]['batch'], recs[0]['sample'])])]
+    batches = sorted({r['batch'] for r in recs})
+    out = []
+    for b in listify(batches[0] if batch is None else batch):
+        if b not in batches: raise IndexError(f"batch={b} is not recorded: recorded batches are {batches}.")
+        have = list(dict.fromkeys(r['sample'] for r in recs if r['batch'] == b))
+        for s in listify(have[0] if sample is None else sample):
+            if s not in have: raise IndexError(f"sample={s} is not recorded in batch {b}: recorded samples are {have}.")
+            out.append(latest([r for r in recs if r['batch'] == b and r['sample'] == s]))
+    return out
+
+@patch
+def select(self:AttnRecording,
+           layer=0, # a layer by number (in recording order) or name; None: every layer, and every variable of channel-independent ones
+           idx=None, # dataset index or indices; None: by batch and sample
+           batch=None, # batch number(s); None: the first recorded
+           sample=None, # sample number(s) in the batch; None: the first recorded
+           **where, # any other field: epoch=, forward=, tag=, var=, call=, split=
+          )->AttnRecording: # the selected records, in the order asked for, with this recording's meta, aggregates and biases
+    "The records to draw: one layer (or every one), the items by `idx` or by `batch` and `sample`, each item's latest pass"
+    if not len(self): raise ValueError("Nothing recorded: record with AttnRecorder first.")
+    names = list(dict.fromkeys(self.layers))
+    if layer is not None: out = _select_layer(self, check_layer(layer, names), idx, batch, sample, where)
+    else:
+        vs = lambda n: sorted({r.get('var') for r in self.records if r['layer'] == n} - {None}) or [None]
+        out = [r for n in names for v in vs(n) for r in _select_layer(self, n, idx, batch, sample, {**where, 'var': v})]
+    return AttnRecording(out, self.aggregates, self.meta, self.biases)

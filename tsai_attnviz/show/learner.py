@@ -88,35 +88,6 @@ def _row_label(t)->str:
     where, labels = t
     return where + '\n' + (labels.replace(' · ', '\n') if len(labels) > 40 else labels)
 
-def _pick(rec:AttnRecording, layer, idx, batch, sample, **where):
-    "Records of `rec` for `layer` and the selected items (the latest pass of each), with errors that say what is there"
-    names = list(dict.fromkeys(rec.layers))
-    name = check_layer(layer, names)
-    recs = [r for r in rec.records if r['layer'] == name]
-    dflt = dict(var=None, call=0)  # records made before variables and calls were recorded
-    for k in ('var', 'call'):  # one variable (channel-independent models) and one call at a time: the first recorded
-        if where.get(k) is None and (have := sorted({r.get(k, dflt[k]) for r in recs} - {None})): where[k] = have[0]
-    for k, v in where.items():
-        if v is None: continue
-        have = sorted({r.get(k, dflt.get(k)) for r in recs}, key=str)
-        recs = [r for r in recs if r.get(k, dflt.get(k)) == v]
-        if not recs: raise IndexError(f"{k}={v!r} is not recorded: recorded {k}s are {have}.")
-    latest = lambda rs: max(rs, key=lambda r: r['forward'])  # accumulated passes: the last one, unless chosen
-    if idx is not None:
-        have = sorted({r['idx'] for r in recs if r['idx'] is not None})
-        check_idx(idx, have=have, hint="Record it with AttnRecorder(idxs=[...]) or show_attention(X=...).")
-        return name, [latest([r for r in recs if r['idx'] == i]) for i in listify(idx)]
-    if batch is None and sample is None: return name, [latest([r for r in recs if (r['batch'], r['sample']) == (recs[0]['batch'], recs[0]['sample'])])]
-    batches = sorted({r['batch'] for r in recs})
-    out = []
-    for b in listify(batches[0] if batch is None else batch):
-        if b not in batches: raise IndexError(f"batch={b} is not recorded: recorded batches are {batches}.")
-        have = list(dict.fromkeys(r['sample'] for r in recs if r['batch'] == b))
-        for s in listify(have[0] if sample is None else sample):
-            if s not in have: raise IndexError(f"sample={s} is not recorded in batch {b}: recorded samples are {have}.")
-            out.append(latest([r for r in recs if r['batch'] == b and r['sample'] == s]))
-    return name, out
-
 def _cbar_label(rec, part:str='effective')->str:
     "What the colour shows: the effective matrix (with eRPE: softmax plus the input-independent bias), or one of its parts"
     if part == 'softmax': return 'softmax part (what the input changed)' if rec.meta.get('bias') else 'attention (softmax)'
@@ -170,7 +141,8 @@ def show_attention(self:Learner,
         if not len(rec): raise IndexError(f"Nothing recorded for {sel}: the data has fewer batches or items than that.")
     if layer == 'all': return _show_layers(self, rec, head, idx, batch, sample, view, shared_scale, path, part,
                                            epoch=epoch, forward=forward, tag=tag, var=var, **kwargs)
-    name, recs = _pick(rec, layer, idx, batch, sample, epoch=epoch, forward=forward, tag=tag, var=var, call=call)
+    recs = rec.select(layer, idx, batch, sample, epoch=epoch, forward=forward, tag=tag, var=var, call=call).records
+    name = recs[0]['layer']
     heads, info, tokens = rec.heads_of(name), _info(self, rec), rec.tokens(name)
     check_head(head, heads)
     titles = [_titles(info, r) for r in recs]
@@ -307,7 +279,7 @@ def _series(rec, r, tokens, head, heads, path, part='effective', query=None, see
 def _show_layers(learn, rec, head, idx, batch, sample, view, shared_scale, path, part='effective', **where):
     "Every recorded layer (and call) of one item: rows are layers, columns heads"
     if view != 'heatmap': raise ValueError("layer='all' draws heatmaps: pass view='heatmap', or one layer for view='series'.")
-    _, recs = _pick(rec, 0, idx, batch, sample, **where)
+    recs = rec.select(0, idx, batch, sample, **where).records
     if len(recs) > 1: raise ValueError("layer='all' draws one item: pass a single idx, or batch and sample.")
     r0 = recs[0]
     same = lambda r: all(r.get(k) == r0.get(k) for k in ('batch', 'sample', 'forward', 'split', 'epoch', 'tag', 'var'))
@@ -378,7 +350,7 @@ def show_attention_evolution(self:Learner,
     probe = sorted(set(rec.idxs))
     idx = probe[0] if idx is None else idx
     if idx not in probe: raise IndexError(f"idx={idx} is not a probe item: the probe is {probe}.")
-    name, _ = _pick(rec, layer, [idx], None, None)
+    name = rec.select(layer, [idx]).records[0]['layer']
     recs = sorted((r for r in rec.records if r['idx'] == idx and r['layer'] == name), key=lambda r: r['epoch'])
     heads, epochs = rec.heads_of(name), [r['epoch'] for r in recs]
     check_head(head, heads)

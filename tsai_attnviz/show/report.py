@@ -15,7 +15,7 @@ from fastai.learner import Learner
 from ..arch import layer_adapter, time_spans
 from ..core.reduce import _pool_keys
 from ..record.recording import AttnRecording, _to_dtype
-from .learner import _recording, _pick, _info, _titles
+from .learner import _recording, _info, _titles
 from ..data import item_title, decode_target
 
 
@@ -65,7 +65,7 @@ def decode_array(e:dict)->torch.Tensor:
     return torch.from_numpy(u.view(np.float32).copy())
 
 # %% ../../nbs/51_show_report.ipynb #90c7bb85
-_PARTS = {'effective': 'effective (the matrix that multiplies the values)', 'softmax': 'softmax part', 'bias': 'relative bias (eRPE)'}
+from ..record.recording import PART_NAMES as _PARTS  # the parts, as the page names them
 _MAX_MB = 64    # map data past this makes a page that browsers struggle with
 _THUMB = 112    # pixels a side of the head grid's maps
 
@@ -463,9 +463,8 @@ def _select(rec:AttnRecording, idx, batch, sample)->list:
     names = list(dict.fromkeys(rec.layers))
     if idx is None and sample is None:
         have = sorted({r['sample'] for r in rec.records if r['layer'] == names[0] and r['batch'] == batch})
-        sample = have[:4] if have else 0  # nothing in that batch: _pick says which batches there are
-    vs = lambda name: sorted({r.get('var') for r in rec.records if r['layer'] == name} - {None}) or [None]
-    return [r for name in names for v in vs(name) for r in _pick(rec, name, idx, batch, sample, var=v)[1]]
+        sample = have[:4] if have else 0  # nothing in that batch: select says which batches there are
+    return rec.select(None, idx, batch, sample).records  # every layer, and every variable of channel-independent ones
 
 @patch
 def attention_report(self:Learner,
