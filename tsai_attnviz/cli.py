@@ -218,7 +218,7 @@ def _show(a):
     try: check_idx(idxs, len(X), what='--idxs', of='--data')
     except (TypeError, ValueError) as e: raise CLIError(str(e)) from None
     from fastai.learner import load_learner
-    from tsai_attnviz.record.recorder import _model_input
+    from tsai_attnviz.arch import model_input_shape
     from tsai_attnviz.data import target_info, _target_tfm
     try:
         with warnings.catch_warnings():  # fastai's warning about pickles is in `show --help`; here it would bury our errors
@@ -228,7 +228,7 @@ def _show(a):
     from tsai_attnviz.arch import adapter_for
     try: adapter = adapter_for(learn.model, f'tsai-attnviz show ({p.name})')
     except ValueError as e: raise CLIError(str(e)) from None
-    shape = _model_input(learn.model) or X.shape[1:]  # a family whose input the model does not fix takes the data's
+    shape = model_input_shape(learn.model) or X.shape[1:]  # a family whose input the model does not fix takes the data's
     X = check_data(X, *shape)
     y = None if y is None else check_labels(y, target_info(learn), len(X), getattr(_target_tfm(learn), 'vocab', None))
     _check_head(a.head, learn.model, a.part)

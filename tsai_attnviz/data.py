@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['TASKS', 'target_info', 'format_values', 'decode_target', 'decode_pred', 'item_title', 'class_index']
+__all__ = ['TASKS', 'target_info', 'format_values', 'decode_target', 'decode_pred', 'item_title', 'class_index', 'has_data']
 
 # %% ../nbs/04_data.ipynb #c38eeb2f
 from .core.checks import check_X, nonfinite_message  # one validation path for every entry point: `tsai_attnviz.core.checks`
@@ -82,3 +82,9 @@ def class_index(info:dict, c)->int:
         raise ValueError(f"class {c!r}: this model has no class names; pass class numbers.")
     if str(c) in vocab: return vocab.index(str(c))
     raise ValueError(f"class {c!r} is not one of the model's classes: {vocab}.")
+
+# %% ../nbs/04_data.ipynb #2dee14bd
+def has_data(learn)->bool:
+    "Whether the Learner holds validation data to draw from (a `load_learner`'d Learner keeps none: pass X= or dl=)"
+    try: return bool(len(learn.dls.valid.dataset))
+    except (AttributeError, TypeError): return True  # DataLoaders without a sized dataset: let the pass say what is wrong

@@ -19,7 +19,7 @@ from ..core.layers import _NOT_KEPT
 # %% auto #0
 __all__ = ['ADAPTERS', 'ArchAdapter', 'time_spans', 'conv_spans', 'probe_spans', 'spread_to_steps', 'register', 'supported',
            'layer_adapter', 'no_attention_error', 'adapters_for', 'adapter_for', 'attention_layers', 'swap_attention',
-           'unswap_attention', 'tokens_of', 'call_args', 'grad_safe']
+           'unswap_attention', 'tokens_of', 'model_input_shape', 'call_args', 'grad_safe']
 
 # %% ../../nbs/10_arch.ipynb #ar000007
 class ArchAdapter:
@@ -190,6 +190,12 @@ def forward_bytes(self:ArchAdapter, layer:nn.Module, args:tuple, kwargs:dict)->i
     "Bytes per item that a forward without gradients of this call of `layer` holds at once beyond its inputs and outputs; None: unknown"
     return None
 
+
+# %% ../../nbs/10_arch.ipynb #de2a4903
+def model_input_shape(model:nn.Module)->tuple|None: # (c_in, seq_len)
+    "The input shape `model` was built for, as its family tells; None when it can't be told (no supported layer, or a family whose input the model doesn't fix)"
+    try: return adapters_for(model)[0].input_shape(model)
+    except ValueError: return None
 
 # %% ../../nbs/10_arch.ipynb #2ce7263b
 import inspect

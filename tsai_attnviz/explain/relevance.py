@@ -20,9 +20,9 @@ import torch.nn.functional as F
 import matplotlib.pyplot as plt
 from fastcore.basics import patch, listify
 from fastai.learner import Learner
-from ..arch import (grad_safe, call_args, layer_adapter, attention_layers, adapters_for, swap_attention, unswap_attention, tokens_of,
+from ..arch import (grad_safe, call_args, model_input_shape, layer_adapter, attention_layers, adapters_for, swap_attention, unswap_attention, tokens_of,
                                spread_to_steps)
-from ..data import check_X, target_info, class_index
+from ..data import check_X, target_info, class_index, has_data
 from ..show.plot import _finish
 from ..core.stream import AttnConsumer, attached
 
@@ -388,19 +388,10 @@ def _check_idx(idx, n:int, what:str)->list:
         raise ValueError(f"idx is empty: give one or more indices of {what} (0..{n - 1}).")
     return listify(check_idx(idx, n, of=what))
 
-def _input_shape(model):
-    "(c_in, seq_len) the model was built for, as its family tells, or None"
-    try: return adapters_for(model)[0].input_shape(model)
-    except ValueError: return None
-
 def _dls_shape(dls):
     "(c_in, seq_len) of tsai's DataLoaders (`vars`, `len`), or None"
     c, L = getattr(dls, 'vars', None), getattr(dls, 'len', None)
     return (c, L) if _is_int(c) and _is_int(L) else None
-
-def _no_data(learn)->bool:
-    try: return not len(learn.dls.valid.dataset)
-    except (AttributeError, TypeError): return False
 
 def check_relevance_args(model:nn.Module, # the model to explain
                          method, layer, head, # as `Learner.relevance` takes them
@@ -456,13 +447,13 @@ def relevance(self:Learner,
     c = check_relevance_args(self.model, method, layer, head, target, info, getattr(self.dls, 'c', None))['target']
     if part not in INPUT_PARTS: raise ValueError(f"part={part!r}: use 'effective' or 'softmax' (the bias part is the same for every input: it explains no item).")
     if X is not None:
-        shape = _input_shape(self.model) or _dls_shape(self.dls)  # the family tells, else tsai's DataLoaders (occlusion takes any model)
+        shape = model_input_shape(self.model) or _dls_shape(self.dls)  # the family tells, else tsai's DataLoaders (occlusion takes any model)
         X = check_X(X, *shape) if shape is not None else np.asarray(X, dtype='float32')
         if X.ndim != 3: raise ValueError(f"X has shape {list(X.shape)}; expected [n_samples, n_vars, seq_len].")
         if idx is not None: X = X[_check_idx(idx, len(X), 'X')]
         dl = self.dls.valid.new_dl(X, bs=bs)
     else:
-        if _no_data(self): raise ValueError("This Learner holds no validation data (a load_learner'd Learner keeps none): "
+        if not has_data(self): raise ValueError("This Learner holds no validation data (a load_learner'd Learner keeps none): "
                                             "pass X=... [n_samples, n_vars, seq_len].")
         ds = self.dls.valid.dataset
         idx = _check_idx([0] if idx is None else idx, len(ds), 'the validation set')

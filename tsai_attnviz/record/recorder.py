@@ -15,7 +15,7 @@ from fastcore.basics import store_attr, listify, noop
 from fastai.callback.core import Callback, CancelFitException
 from ..core.layers import check_input
 from ..core.stream import AttnConsumer, AttnChunk, attached
-from ..arch import adapter_for, layer_adapter, tokens_of
+from ..arch import adapter_for, layer_adapter, tokens_of, model_input_shape
 from ..core.reduce import block_size, MapReducer
 from .recording import AttnRecording, _to_dtype, to_host, host_ready
 from ..data import target_info, nonfinite_message
@@ -32,11 +32,6 @@ import tsai_attnviz.record.export  # noqa: F401 (learn.export() holds no recorde
 __all__ = ['AttnRecorder']
 
 # %% ../../nbs/34_record_recorder.ipynb #7c41dc03
-def _model_input(model):
-    "(c_in, seq_len) the model was built for, as its family's adapter tells, or None when it can't be told"
-    try: return adapter_for(model).input_shape(model)
-    except ValueError: return None
-
 class _Forward:
     "What the recorder knows of the forward in flight: the items it records, each layer's calls, bias and unfinished maps"
     def __init__(self): self.count,self.cur,self.in_len = 0,dict(batch=0, epoch=0, split='valid'),None; self.batch()
@@ -260,7 +255,7 @@ class AttnRecorder(AttnConsumer, Callback):
         model = unwrap_model(model)  # DistributedDataParallel: the layers are its module's
         adapter = adapter_for(model, 'AttnRecorder')  # an error naming the supported architectures when there is none
         sel = self.select.layers_of(model)
-        self._shape = _model_input(model)
+        self._shape = model_input_shape(model)
         if split != 'probe':
             self._prepare(sel)
             self.select.n_batches = 0  # batches this part of the pass had

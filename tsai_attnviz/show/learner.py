@@ -14,8 +14,9 @@ import matplotlib.pyplot as plt
 from fastcore.basics import patch, listify
 from fastai.learner import Learner
 from ..core.checks import check_head, check_layer, check_idx, check_var, check_choice, check_X
-from ..data import target_info, item_title, decode_target, class_index, _name
-from ..record.recorder import AttnRecorder, _model_input
+from ..data import target_info, item_title, decode_target, class_index, has_data, _name
+from ..record.recorder import AttnRecorder
+from ..arch import model_input_shape
 from ..record.recording import AttnRecording, PARTS
 from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, plot_attention_stats, _finish, _steps, _wrap
 
@@ -46,11 +47,6 @@ def _info(learn, rec):
     "Task and class names: as the recorder stored them, else read from the Learner"
     return rec.meta if rec is not None and 'task' in rec.meta else target_info(learn)
 
-def _no_data(learn)->bool:
-    "Whether the Learner holds no validation data (a `load_learner`'d Learner keeps none)"
-    try: return not len(learn.dls.valid.dataset)
-    except (AttributeError, TypeError): return False
-
 @patch
 def record_attention(self:Learner,
                      dl=None, # a DataLoader to record from (default: the validation set)
@@ -58,10 +54,10 @@ def record_attention(self:Learner,
                      **kwargs)->AttnRecording: # passed to `AttnRecorder` (batches, samples, idxs, heads, max_len...)
     "Record attention for one pass over `dl` or `X`, leaving no callback and no swapped layer behind"
     if X is not None:
-        shape = _model_input(self.model)
+        shape = model_input_shape(self.model)
         X = check_X(X, *(shape or (None, None)))  # a family whose input the model does not fix: any [n, n_vars, seq_len]
         dl = self.dls.valid.new_dl(X, y=y)
-    elif dl is None and _no_data(self):
+    elif dl is None and not has_data(self):
         raise ValueError("This Learner holds no data (a load_learner'd Learner keeps none): pass X=... "
                          "([n_samples, n_vars, seq_len], and y=... for true labels) or dl=....")
     rec = AttnRecorder(**kwargs)
