@@ -191,6 +191,12 @@ def forward_bytes(self:ArchAdapter, layer:nn.Module, args:tuple, kwargs:dict)->i
     return None
 
 
+# %% ../../nbs/10_arch.ipynb #75af4e14
+@patch
+def bias_version(self:ArchAdapter, layer:nn.Module)->tuple|None:
+    "What identifies the values of `layer`'s input-independent bias now (training changes it); None: no bias, or not known (never reused)"
+    return None
+
 # %% ../../nbs/10_arch.ipynb #de2a4903
 def model_input_shape(model:nn.Module)->tuple|None: # (c_in, seq_len)
     "The input shape `model` was built for, as its family tells; None when it can't be told (no supported layer, or a family whose input the model doesn't fix)"

@@ -8,7 +8,7 @@ pass ends (an error, KeyboardInterrupt, `remove_cb`), the model is left with its
 
 # %% ../../nbs/34_record_recorder.ipynb #9494c825
 from __future__ import annotations
-import warnings
+import warnings, weakref
 import numpy as np
 import torch
 from fastcore.basics import store_attr, listify, noop
@@ -53,7 +53,7 @@ def _lr_finding(learn)->bool:
 class AttnRecorder(AttnConsumer, Callback):
     "Record selected attention maps of a model's attention layers (any supported family) while a Learner validates or predicts"
     order,run_valid,run_train = 60,True,True  # after the model's output is gathered; train batches only with `train=True`
-    _stateattrs = ('sink', '_fwd', '_attached', '_names', '_nv', '_guarded')  # records and what a pass holds: never pickled
+    _stateattrs = ('sink', '_fwd', '_attached', '_names', '_nv', '_guarded', '_biases')  # records and what a pass holds: never pickled
 
     def __init__(self,
         batches=(0,), # batch numbers of each pass to record; None: every batch
@@ -99,6 +99,7 @@ class AttnRecorder(AttnConsumer, Callback):
         "Fresh, empty recording state: at creation, and when a pickled Learner is loaded (the state is not pickled)"
         super()._init_state()
         self.sink,self._fwd,self._attached,self._names,self._nv,self._guarded = MemorySink(),_Forward(),None,{},{},None
+        self._biases = {}  # id(layer): (the layer, weakly; its bias_version and the reduction's shape; the MapReducer of its bias)
         self._in_fit,self._idle,self._failed,self._stored,self._on_gpu,self._shape,self._agg_layer = False,True,False,True,None,None,None
         self._len = None if self.max_len == 'auto' else self.max_len
 
@@ -309,6 +310,15 @@ class AttnRecorder(AttnConsumer, Callback):
             t = tokens_of(unwrap_model(self.learn.model), name, layer, self._fwd.in_len, Lq, L)
             toks[name] = {w: (kind, np.asarray(sp).tolist()) for w, (kind, sp) in t.items()}
 
+    def _bias_reducer(self, layer, L:int, k:int, Lq:int)->MapReducer:
+        "The reducer of `layer`'s bias (eRPE): a finished one of an earlier forward while the bias is unchanged, else a new one"
+        key = (layer_adapter(layer).bias_version(layer), L, k, Lq, str(self.heads))
+        old = self._biases.get(id(layer))  # (the layer, weakly: a new model's layer may get a freed one's id and storage)
+        if key[0] is not None and old is not None and old[0]() is layer and old[1] == key and old[2].done: return old[2]  # the same values
+        red = MapReducer(L, k, Lq=Lq, full=k == 1)  # kept whole at k=1: the recording keeps it
+        self._biases[id(layer)] = (weakref.ref(layer), key, red)
+        return red
+
     def receive(self, chunk:AttnChunk):
         "Reduce what is selected of a chunk: query rows q0.. of the maps of batch rows `chunk.positions` (see `AttnChunk`)"
         layer, softmax, bias, logits, q0 = chunk.layer, chunk.softmax, chunk.bias, chunk.logits, chunk.q0  # [n, H, c, Lk]; bias [H, c, Lk]
@@ -327,7 +337,7 @@ class AttnRecorder(AttnConsumer, Callback):
         with torch.no_grad():
             b = None if bias is None else bias.detach()[hs]                                  # [H, c, L]
             if b is not None:  # the bias is the same for every sample of a forward: reduce it once, as its rows first come
-                if fwd['bias'] is None: fwd['bias'] = MapReducer(L, k, Lq=Lq, full=k == 1)  # kept whole at k=1: the recording keeps it
+                if fwd['bias'] is None: fwd['bias'] = self._bias_reducer(layer, L, k, Lq)
                 if fwd['bias'].seen == q0: fwd['bias'].add(b, q0)
             for i, p in enumerate(chunk.positions):
                 if q0 == 0:  # a new row of the batch: reduce it when it is recorded (and fits the budget) or aggregated
