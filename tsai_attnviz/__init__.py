@@ -19,7 +19,7 @@ Modules:
 - `tsai_attnviz.explain.attributions`: Captum's gradient and perturbation attributions of a model's prediction, over the time steps of its input.
 - `tsai_attnviz.explain.faithfulness`: How far a relevance ranking can be trusted: ROAD with noisy linear imputation, and scores against a planted ground truth.
 - `tsai_attnviz.explain.planted`: A synthetic classification set whose relevant time steps are known: each item's class is set by a motif planted at a random window.
-- `tsai_attnviz.explain.relevance`: Which time steps of the input matter to the prediction: five relevance methods, mapped back to time steps, and a plot.
+- `tsai_attnviz.explain.relevance`: Which time steps of the input matter to the prediction: eleven relevance methods, one class each in a registry, mapped back to time steps, and a plot.
 - `tsai_attnviz.record.budget`: How many MB of records a recorder holds: `Budget` counts them, and chooses the block size when `max_len='auto'`.
 - `tsai_attnviz.record.distributed`: Each rank records the items of its shard; after the pass rank 0 holds the merged recording.
 - `tsai_attnviz.record.export`: What `learn.export()` writes when this package has touched the Learner: nothing of tsai_attnviz.
