@@ -443,7 +443,7 @@ class AttentionRollout(AttentionMethod):
 
 class GradRollout(AttentionMethod):
     "'grad_rollout' (Chefer et al. 2021 across layers): mean over queries of R − I, R = I then R += Ā_l·R"
-    name, grad, chained = 'grad_rollout', True, True
+    name, unit, grad, chained = 'grad_rollout', 'R − I, mean over queries', True, True
     about = ("Chefer et al. 2021 across layers: R = I, then R += Ā_l·R with Ā_l = E_h[(A_l ⊙ ∂y/∂A_l)⁺], every layer up to "
              "the chosen one; mean over queries of R − I")
     def chain(self, calls): return grad_rollout([(c.maps() * c.g).clamp(min=0).mean(1) for c in calls]).mean(-2)  # Ā_l: heads averaged
