@@ -93,7 +93,6 @@ def test_recorder_during_relevance(learn, method):
 
 def test_grad_attention_during_a_recorded_pass(learn):
     "grad_attention (a backward through the maps) inside a recorder's pass: the same relevance, the same records"
-    if learn.family != 'exact': pytest.skip('grad_attention needs the maps the forward multiplied the values by')
     ref = records(alone(learn, lambda: AttnRecorder(samples=[2])))
     rel_ref = [model_relevance(learn.model, xb, 'grad_attention') for xb, _ in learn.dls.valid]
     rec, rc = AttnRecorder(samples=[2]), RelevanceEachBatch('grad_attention')
