@@ -27,7 +27,7 @@ Modules:
 - `tsai_attnviz.record.recorder`: `AttnRecorder`, a fastai callback that copies selected attention maps while a Learner validates or predicts.
 - `tsai_attnviz.record.recording`: `AttnRecording`: recorded maps with the inputs, targets, predictions and indices that go with them, and its file format.
 - `tsai_attnviz.record.select`: Which items, layers and heads a recorder records: `ItemSelection`, and the dataset index of each item of a batch.
-- `tsai_attnviz.record.sink`: `MemorySink`: the storage part of `AttnRecorder`, an `AttnRecording` in memory, kept across passes or started afresh.
+- `tsai_attnviz.record.sink`: `MemorySink` holds a recorder's records in memory as an `AttnRecording`; `DiskSink` streams them to a recording on disk as they are made.
 - `tsai_attnviz.record.trackers`: Where fastai users watch training: `AttnRecorder(every_epoch=True)` logs the probe's head grid and per-head statistics each epoch to TensorBoard or Weights & Biases.
 - `tsai_attnviz.show.learner`: `Learner.show_attention()`: attention maps of a tsai Learner, from what an `AttnRecorder` holds or recorded on the spot.
 - `tsai_attnviz.show.plot`: Attention heatmaps, head grids and the over-the-series view, from plain tensors: no Learner needed."""
