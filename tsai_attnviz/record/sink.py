@@ -23,7 +23,7 @@ class MemorySink:
     "The records of a recorder, held in memory as an `AttnRecording`"
     def __init__(self): self.recording,self._prev = AttnRecording(),None
 
-    def start(self, accumulate:bool=False):
+    def start(self, accumulate:bool=False, model=None): # `model`: what `DiskSink` writes with each shard; not needed here
         "A pass begins: add to the current recording, or start a fresh one (the current is kept until the pass stores)"
         self._prev = self.recording
         if not accumulate: self.recording = AttnRecording()
