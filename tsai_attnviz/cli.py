@@ -286,9 +286,13 @@ def _show_recording(a, report_only:bool=False):
     if not len(rec): raise CLIError(f"{a.learner} holds no records: nothing to draw")
     have = list(dict.fromkeys(i for i in rec.idxs if i is not None))
     idxs = a.idxs if a.idxs else have[:4]
-    from tsai_attnviz.core.checks import check_idx, check_head
+    from tsai_attnviz.core.checks import check_idx, check_head, _span
+    if bad := [i for i in idxs if i not in set(have)]:  # a recording of a whole dataset: its indices said short
+        s = sorted(have)
+        raise CLIError(f"--idxs {bad}: not in {a.learner}, which holds {len(s)} items: dataset indices "
+                       f"{_span(s) if len(s) <= 20 or s == list(range(s[0], s[0] + len(s))) else f'{s[:10]} ... {s[-1]}'}")
     try:
-        check_idx(idxs, have=have, what='--idxs', hint=f"{a.learner} holds items {have[:10]}{'...' if len(have) > 10 else ''}.")
+        check_idx(idxs, what='--idxs')
         if not report_only: check_head(a.head, rec.heads_of(rec.layers[0]), what='--head', none_ok=False)
     except (TypeError, ValueError, IndexError) as e: raise CLIError(str(e)) from None
     n = len(have)
