@@ -133,6 +133,7 @@ class DiskSink:
 
     @property
     def recording(self)->AttnRecording: # this sink's shards opened as one (`AttnRecording.open`); during a pass, with what it holds so far
+        if self._active: return self._open()  # opened afresh: the pass adds to it (a probe recorder's trackers read it once an epoch)
         if self._rec is None: self._rec = self._open()
         return self._rec
 
@@ -155,11 +156,11 @@ class DiskSink:
         "One forward's records, complete: appended to the shard, on disk once this returns"
         if not records: return
         self._writer().add(records, meta=self.meta)
-        self._n += len(records); self._rec = None
+        self._n += len(records)
 
     def wants_bias(self, layer:str, epoch:int, latest:bool=False)->bool:
         "Whether the bias of `layer` at `epoch` is still to be stored (`latest`: training changes it, the last one is kept)"
         return latest or not (epoch in self.biases.get(layer, {}) or (layer, epoch) in self._bias_keys)
 
-    def add_bias(self, layer:str, epoch:int, bias:dict): self.biases.setdefault(layer, {})[epoch] = bias; self._rec = None  # small: written at the end
+    def add_bias(self, layer:str, epoch:int, bias:dict): self.biases.setdefault(layer, {})[epoch] = bias  # small: written at the end
 
