@@ -131,3 +131,14 @@ def test_save_dispatch(both, tmp_path):
     assert f.is_file() and f.suffix == '.npz'
     for a, b in zip(mem.records, AttnRecording.load(f).records): assert torch.equal(a['weights'], b['weights'])
     assert len(AttnRecording.open(tmp_path/'rec.npz')) == len(AttnRecording.open(d)) == 40
+
+def test_accumulated_mean_maps_keep_one_size(learn, tmp_path):
+    "A pass whose mean maps would not add to those of the shards before it is refused before it writes anything"
+    rec = AttnRecorder(path=tmp_path/'r', batches=[0], aggregate='mean', max_len=50, accumulate=True)
+    learn.get_preds(cbs=[rec])
+    rec.max_len = 20
+    with pytest.raises(ValueError, match='the mean maps recorded so far average blocks of 2 time steps; this pass would add blocks of 5'):
+        learn.get_preds(cbs=[rec])
+    no_leftovers(learn.model)
+    assert [p.name for p in (tmp_path/'r').iterdir()] == ['shard-000'] and len(rec.recording) == 16
+    assert rec.recording.aggregates['mean'][1] == 40
