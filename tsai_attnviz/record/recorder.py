@@ -103,7 +103,8 @@ class AttnRecorder(AttnConsumer, Callback):
     def _init_state(self):
         "Fresh, empty recording state: at creation, and when a pickled Learner is loaded (the state is not pickled)"
         super()._init_state()
-        self.sink = MemorySink() if self.path is None else DiskSink(self.path)  # bad paths are refused here, before any pass
+        path = self.__dict__.get('path')  # recorders pickled before `path` existed: in memory
+        self.sink = MemorySink() if path is None else DiskSink(path)  # bad paths are refused here, before any pass
         self._fwd,self._attached,self._names,self._nv,self._guarded = _Forward(),None,{},{},None
         self._in_fit,self._idle,self._failed,self._stored,self._on_gpu,self._shape,self._agg_layer = False,True,False,True,None,None,None
         self._len = None if self.max_len == 'auto' else self.max_len
