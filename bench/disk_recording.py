@@ -8,8 +8,8 @@ runs in its own process; peak RSS is that process's `resource.getrusage(RUSAGE_S
 model included: the same in each configuration). The drawing is timed in a fresh process after the recording's files
 are dropped from the page cache (posix_fadvise DONTNEED), as `tsai-attnviz show DIR` draws it.
 
-    OMP_NUM_THREADS=1 python bench/disk_recording.py                 # 2000 items (~4.4 GB on disk; ~40 min on 2 cores)
-    OMP_NUM_THREADS=1 python bench/disk_recording.py --items 200     # a quick run
+    OMP_NUM_THREADS=1 python bench/disk_recording.py --fast          # 2000 items (4.06 GB on disk; 23 min on 2 cores, 70 without --fast)
+    OMP_NUM_THREADS=1 python bench/disk_recording.py --items 200     # a quick run (8 min)
     python bench/disk_recording.py --items 200 --memory              # also every item held in memory, for comparison
 """
 import argparse, json, os, platform, resource, shutil, statistics, subprocess, sys, tempfile, time
