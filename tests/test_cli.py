@@ -211,3 +211,52 @@ def test_every_option_says_its_default():
     show = sub.choices['show']
     fast = next(a for a in show._actions if a.dest == 'fast').help
     assert 'train' not in fast, fast  # show trains nothing
+
+@pytest.fixture(scope='module')
+def recorded(demo, bm_data, tmp_path_factory):
+    "`record` of BasicMotions' 40 validation items through the demo's exported learner, with their labels and class means"
+    out, _ = demo
+    d = tmp_path_factory.mktemp('record')
+    X, y, splits = bm_data
+    np.save(d/'X.npy', X[splits[1]]); np.save(d/'y.npy', y[splits[1]])
+    p = run('record', out/'learner.pkl', '--data', d/'X.npy', '--y', d/'y.npy', '--out', d/'rec', '--max-len', '32',
+            '--aggregate', 'class', '--bs', '16')
+    return d, p
+
+def test_record_streams_a_dataset_to_disk(recorded, bm_data):
+    d, p = recorded
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert 'Recorded 40 items (40 records, maps 8×25×25 in float16)' in p.stdout, p.stdout
+    assert [l.strip() for l in p.stdout.splitlines() if l.strip().startswith('batch ')] == ['batch 1/3', 'batch 2/3', 'batch 3/3']
+    assert '\r' not in p.stdout + p.stderr and '█' not in p.stdout + p.stderr  # a pipe: lines, no progress bar's redraws
+    r = AttnRecording.open(d/'rec')
+    X, y, splits = bm_data
+    assert r.idxs == list(range(40)) and r.weights.dtype == torch.float16
+    assert torch.equal(torch.stack([x['input'] for x in r.records]), torch.tensor(X[splits[1]]))  # no batch tfms in the demo
+    assert [r.meta['vocab'][t] for t in r.targets] == list(y[splits[1]])
+    assert r.group_keys == ['Badminton', 'Running', 'Standing', 'Walking']
+    assert sum(r.aggregates['class'][c][1] for c in r.group_keys) == 40
+
+def test_show_and_report_draw_a_recording(recorded, tmp_path):
+    d, _ = recorded
+    p = run('show', d/'rec', '--idxs', '3', '31', '--head', '2', '--out', tmp_path/'figs')
+    assert p.returncode == 0, p.stderr[-2000:]
+    for f in ['attention_grid.png', 'attention_head2.png', 'attention_class.png', 'attention_series_idx31.png', 'attention_report.html']:
+        assert (tmp_path/'figs'/f).stat().st_size > 1000, f
+        assert str(tmp_path/'figs'/f) in p.stdout, f
+    q = run('report', d/'rec', '--idxs', '5', '--out', tmp_path/'rep')
+    assert q.returncode == 0 and (tmp_path/'rep'/'attention_report.html').stat().st_size > 10_000, q.stderr[-2000:]
+
+@pytest.mark.parametrize('args,msg', [(['show', '{rec}', '--idxs', '40'], '--idxs [40]: not in {rec}, which holds 40 items: dataset indices 0..39'),
+                                      (['show', '{rec}', '--head', '8'], '--head 8 is not recorded: heads are [0, 1, 2, 3, 4, 5, 6, 7]'),
+                                      (['show', '{rec}', '--data', '{X}'], 'is a recording, which holds its data'),
+                                      (['record', '{pkl}', '--data', '{X}', '--out', '{rec}'], 'already holds a recording'),
+                                      (['record', '{pkl}', '--data', '{X}', '--aggregate', 'bins'], '--aggregate bins groups items by'),
+                                      (['record', '{pkl}', '--data', '{X}', '--bs', '0'], '--bs 0: use a positive whole number'),
+                                      (['show', '{empty}'], 'is not a recording: it holds no shard')])
+def test_record_show_bad_input(recorded, demo, args, msg, tmp_path):
+    d, _ = recorded
+    (tmp_path/'empty').mkdir()
+    fill = dict(rec=d/'rec', X=d/'X.npy', pkl=demo[0]/'learner.pkl', empty=tmp_path/'empty')
+    p = run(*[a.format(**fill) for a in args])
+    assert p.returncode == 2 and msg.format(**fill) in p.stderr and 'Traceback' not in p.stderr and p.stderr.strip().count('\n') == 0, p.stderr

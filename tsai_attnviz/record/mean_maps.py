@@ -34,7 +34,7 @@ class MeanMaps:
         return 1 + len(info.get('vocab') or []) + (self.bins if isinstance(self.bins, (int, np.integer)) else 4)
 
     def prepare(self,
-        rec, # the `AttnRecording` the sums go to
+        rec, # where the sums go: its `meta` and `aggregates` (an `AttnRecording`, or the recorder's sink)
         learn, # the Learner (its task; the training targets for quantile bins)
         info:dict, # `target_info(learn)`
         L:int=None, # time steps of the maps; None: unknown yet
@@ -59,7 +59,7 @@ class MeanMaps:
             rec.meta['agg_block'] = k
 
     def add(self,
-        rec, # the `AttnRecording` whose `aggregates` hold the sums
+        rec, # whose `aggregates` hold the sums (an `AttnRecording`, or the recorder's sink)
         maps:list, # this batch's reduced maps, one [1, H, l, l] per batch row
         yb, # the batch's targets, or None
         pred, # the batch's predictions, or None

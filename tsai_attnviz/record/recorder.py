@@ -21,7 +21,7 @@ from .recording import AttnRecording, _to_dtype, to_host, host_ready
 from ..data import target_info, nonfinite_message
 from .select import ItemSelection
 from .budget import Budget
-from .sink import MemorySink
+from .sink import MemorySink, DiskSink
 from .mean_maps import MeanMaps
 from .probe import Probe
 from .trackers import ProbeLog
@@ -65,7 +65,8 @@ class AttnRecorder(AttnConsumer, Callback):
         max_len='auto', # block-average maps to at most max_len × max_len; None: full maps; 'auto': full when they fit max_mem
         aggregate:str=None, # None, 'mean', 'class' or 'bins': streaming mean maps over every sample of a pass
         bins=4, # with aggregate='bins': a number of quantile bins of the training targets, or the bin edges
-        max_mem:float=256, # MB of records to hold; past it, stop storing and warn once
+        max_mem:float=256, # MB of records to hold; past it, stop storing and warn once. With `path`, no cap (memory holds a batch's records): max_len='auto' fits one batch's in it
+        path=None, # a directory to stream records to as they are made (`DiskSink`): a recording of any size, read lazily; None: in memory
         tag=None, # label kept with each record, e.g. 'fold 1'
         train:bool=False, # record training batches too (detached copies: the autograd graph is never held)
         restore:bool=True, # give the layers their stock classes back after each pass
@@ -77,10 +78,10 @@ class AttnRecorder(AttnConsumer, Callback):
     ):
         if max_len not in (None, 'auto') and not (isinstance(max_len, (int, np.integer)) and max_len >= 1):
             raise ValueError(f"max_len={max_len!r}: use a positive number of cells, None (full maps) or 'auto'.")
-        store_attr('max_len,tag,train,restore,accumulate,every_epoch')
+        store_attr('max_len,tag,train,restore,accumulate,every_epoch,path')
         # the parts, each owning its state: which items, how much memory, the mean maps, the probe, where figures go
         self.select = ItemSelection(batches, samples, idxs, layers, heads)
-        self.budget = Budget(max_mem, _to_dtype(dtype))
+        self.budget = Budget(max_mem, _to_dtype(dtype), cap=path is None)
         self.mean_maps = MeanMaps(aggregate, bins)
         self.probe_items = Probe(listify(probe) if probe is not None else [0]) if every_epoch else None
         self.stats = every_epoch if stats is None else stats
@@ -98,8 +99,10 @@ class AttnRecorder(AttnConsumer, Callback):
     def _init_state(self):
         "Fresh, empty recording state: at creation, and when a pickled Learner is loaded (the state is not pickled)"
         super()._init_state()
-        self.sink,self._fwd,self._attached,self._names,self._nv,self._guarded = MemorySink(),_Forward(),None,{},{},None
-        self._biases = {}  # id(layer): (the layer, weakly; its bias_version and the reduction's shape; the MapReducer of its bias)
+        path = self.__dict__.get('path')  # recorders pickled before `path` existed: in memory
+        self.sink = MemorySink() if path is None else DiskSink(path)  # bad paths are refused here, before any pass
+        self._fwd,self._attached,self._names,self._nv,self._guarded = _Forward(),None,{},{},None
+        self._biases = {}  # id(layer): (the layer, weakly; the reduction's shape; a copy of what its bias is made of; the MapReducer of its bias)
         self._in_fit,self._idle,self._failed,self._stored,self._on_gpu,self._shape,self._agg_layer = False,True,False,True,None,None,None
         self._len = None if self.max_len == 'auto' else self.max_len
 
@@ -119,7 +122,7 @@ class AttnRecorder(AttnConsumer, Callback):
         # lr_find's fits, and passes that are not fits for a probe recorder, leave the recording alone
         self._idle = _lr_finding(self.learn) or (self.every_epoch and not is_fit)
         if self._idle: return
-        self.sink.start(self.accumulate)
+        self.sink.start(self.accumulate, model=self.learn.model)
         self.select.start_pass()
         self.budget.start(self.sink.nbytes)
         if self.probe_items is not None: self.probe_items.reset()
@@ -182,7 +185,7 @@ class AttnRecorder(AttnConsumer, Callback):
 
     def after_fit(self):
         self._in_fit = False
-        if not self._idle and not self._failed: self._cleanly(gather_recording, self.sink.recording)  # under torch.distributed: all on rank 0
+        if not self._idle and not self._failed: self._cleanly(self.sink.gather)  # under torch.distributed: all on rank 0 (in memory), or every rank's shard on disk
         if not self._idle: self._end_pass(error=self._failed)
 
     def before_batch(self):
@@ -222,7 +225,7 @@ class AttnRecorder(AttnConsumer, Callback):
             r['target'] = None if yb is None else yb[p].item() if yb[p].numel() == 1 else yb[p].float().cpu()
             r.setdefault('block', self.sink.meta.get('block', 1))
         self.sink.add(f.pending)
-        if f.maps: self.mean_maps.add(self.sink.recording, *drop_padding(f.keep, f.maps, yb, pred), self._info)
+        if f.maps: self.mean_maps.add(self.sink, *drop_padding(f.keep, f.maps, yb, pred), self._info)
         self._stored = self._stored or bool(f.pending or f.maps)
         f.pending,f.maps = [],[]
 
@@ -279,9 +282,11 @@ class AttnRecorder(AttnConsumer, Callback):
         if self.max_len != 'auto': self._len = self.max_len
         elif not (self.accumulate and self.budget.said_auto):  # accumulated maps keep one size
             H = len(self.select.heads_of(sel[0][1]))
-            n = self.select.n_records(self.learn.dl) * len(sel)
+            n = self.select.n_records(self.learn.dl)
+            if not self.budget.cap: n = min(n, getattr(self.learn.dl, 'bs', None) or n)  # on disk: memory holds one batch's
+            n *= len(sel)
             self._len = self.budget.auto_len(L, H, n, self.mean_maps.n_groups(self._info), any(layer_adapter(m).adds_bias(m) for _, m in sel))
-        self.mean_maps.prepare(self.sink.recording, self.learn, self._info, L, self._len)
+        self.mean_maps.prepare(self.sink, self.learn, self._info, L, self._len)
 
     def _detach(self):
         "Unsubscribe; the layers swapped in for this recorder get their stock classes back once no other consumer needs them (`restore`)"
@@ -312,11 +317,12 @@ class AttnRecorder(AttnConsumer, Callback):
 
     def _bias_reducer(self, layer, L:int, k:int, Lq:int)->MapReducer:
         "The reducer of `layer`'s bias (eRPE): a finished one of an earlier forward while the bias is unchanged, else a new one"
-        key = (layer_adapter(layer).bias_version(layer), L, k, Lq, str(self.heads))
-        old = self._biases.get(id(layer))  # (the layer, weakly: a new model's layer may get a freed one's id and storage)
-        if key[0] is not None and old is not None and old[0]() is layer and old[1] == key and old[2].done: return old[2]  # the same values
+        src, key = layer_adapter(layer).bias_source(layer), (L, k, Lq, str(self.heads))
+        old = self._biases.get(id(layer))  # (the layer, weakly: a new model's layer may get a freed one's id)
+        if (src is not None and old is not None and old[0]() is layer and old[1] == key and old[3].done and old[2].shape == src.shape
+                and old[2].dtype == src.dtype and old[2].device == src.device and torch.equal(old[2], src)): return old[3]  # the same values
         red = MapReducer(L, k, Lq=Lq, full=k == 1)  # kept whole at k=1: the recording keeps it
-        self._biases[id(layer)] = (weakref.ref(layer), key, red)
+        self._biases[id(layer)] = (weakref.ref(layer), key, None if src is None else src.clone(), red)
         return red
 
     def receive(self, chunk:AttnChunk):
