@@ -27,6 +27,14 @@ def bm_learner(bm_data):
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(8, 1e-3)
     return learn
 
+@pytest.fixture
+def clean_bm_learner(bm_learner):
+    "The shared learner, with no AttnRecorder left on it after each test, and no layer swapped or hook left"
+    from tsai_attnviz.record.recorder import AttnRecorder
+    yield bm_learner
+    for cb in [c for c in bm_learner.cbs if isinstance(c, AttnRecorder)]: bm_learner.remove_cb(cb)
+    no_leftovers(bm_learner.model)
+
 def stock_effective_attention(model, x, part='effective'):
     "The effective attention matrix (or its 'softmax' part) of a *stock* ConvTranPlus for x [bs, c_in, L], computed outside the package"
     model.eval()

@@ -10,11 +10,7 @@ from conftest import no_leftovers
 KW = dict(batches=None, aggregate='class', max_len=32, stats=True, dtype='float16')
 
 @pytest.fixture
-def learn(bm_learner):
-    "The shared learner, with no AttnRecorder left on it after each test"
-    yield bm_learner
-    for cb in [c for c in bm_learner.cbs if isinstance(c, AttnRecorder)]: bm_learner.remove_cb(cb)
-    no_leftovers(bm_learner.model)
+def learn(clean_bm_learner): return clean_bm_learner  # the shared learner, no AttnRecorder left on it after each test
 
 @pytest.fixture(scope='module')
 def both(bm_learner, tmp_path_factory):

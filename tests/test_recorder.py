@@ -10,11 +10,7 @@ from tsai_attnviz.all import *
 from conftest import make_learner, stock_effective_attention, no_leftovers
 
 @pytest.fixture
-def learn(bm_learner):
-    "The shared learner, with no AttnRecorder left on it after each test"
-    yield bm_learner
-    for cb in [c for c in bm_learner.cbs if isinstance(c, AttnRecorder)]: bm_learner.remove_cb(cb)
-    no_leftovers(bm_learner.model)
+def learn(clean_bm_learner): return clean_bm_learner  # the shared learner, no AttnRecorder left on it after each test
 
 def valid_batches(learn):
     "The validation batches after the batch transforms, as `get_preds` makes them (same batch size, same order)"

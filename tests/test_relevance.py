@@ -343,3 +343,17 @@ def test_gradient_methods_on_multitstplus():
     for method in ('integrated_gradients', 'input_x_gradient', 'gradient_shap'):
         assert np.isfinite(model_relevance(m, x, method)).all(), method
     assert sum(len(b._forward_pre_hooks) + len(b._forward_hooks) for b in m.modules()) == 0
+
+def test_relevance_view_hands_each_method_what_it_takes(learner, monkeypatch):
+    "view='relevance': attention methods get layer= and part=, one-layer ones head= too, model-agnostic ones none of them"
+    import tsai_attnviz.show.learner  # Learner.show_attention
+    calls, orig = {}, learner.relevance
+    def spy(**kw):
+        calls[kw['method']] = {k: v for k, v in kw.items() if k in ('layer', 'part', 'head')}
+        return orig(**kw)
+    monkeypatch.setattr(learner, 'relevance', spy)
+    fig = learner.show_attention(view='relevance', idx=3, method=['grad_attention', 'grad_rollout', 'saliency'], part='softmax', head=1)
+    plt.close(fig)
+    assert calls == {'grad_attention': dict(layer=None, part='softmax', head=1), 'grad_rollout': dict(layer=None, part='softmax'),
+                     'saliency': {}}
+    no_leftovers(learner.model)

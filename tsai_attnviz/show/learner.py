@@ -187,12 +187,13 @@ def _layer_vars(learn, name)->list|None:
 
 def _show_relevance(learn, idx, X, method, layer, head, part, path, **kwargs):
     "Relevance of each time step of one item by one or several methods (`Learner.relevance`), over the item's input"
-    from tsai_attnviz.explain.relevance import plot_relevance  # relevance runs the model (gradients, occlusion): a module of its own
+    from tsai_attnviz.explain.relevance import plot_relevance, RELEVANCE_METHODS  # relevance runs the model (gradients, occlusion): a module of its own
     if len(listify(idx)) != 1: raise ValueError("view='relevance' draws one item: pass a single idx (of X when X is given).")
     methods, rels = listify(method), {}
     for m in methods:
-        kw = dict(head=head) if m != 'occlusion' else {}
-        if m in ('attention', 'value_norm', 'grad_attention', 'rollout'): kw.update(layer=layer, part=part)
+        how = RELEVANCE_METHODS.get(m)  # an unknown name: `relevance` says which there are
+        # what each method takes, as it says: attention methods a layer and a part, one-layer ones a head; model-agnostic ones neither
+        kw = {} if how is None or how.agnostic else dict(layer=layer, part=part, **({} if how.chained else dict(head=head)))
         rel, x = learn.relevance(idx=idx, X=X, method=m, with_input=True, **kw)
         rels[m] = rel[0]
     info = target_info(learn)
