@@ -77,10 +77,10 @@ def listen(model, fn, want=None, layers=None):
 def no_leftovers(model):
     "The model's attention layers are stock tsai classes, with no consumer and no hook"
     from tsai_attnviz.arch import attention_layers
-    from tsai_attnviz.core.stream import _STREAM_STATE
+    from tsai_attnviz.core.stream import STREAM_STATE
     for _, m in attention_layers(model):
         assert not type(m).__name__.endswith('_With_Weights'), type(m)
-        assert not any(k in m.__dict__ for k in _STREAM_STATE + ('receiver',)), m.__dict__.keys()
+        assert not any(k in m.__dict__ for k in STREAM_STATE + ('receiver',)), m.__dict__.keys()
         assert not m._forward_hooks and not m._forward_pre_hooks
 
 def weighted_sum(out):

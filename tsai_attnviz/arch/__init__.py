@@ -14,7 +14,7 @@ import importlib, pkgutil
 import numpy as np
 import torch
 import torch.nn as nn
-from ..core.layers import _NOT_KEPT
+from ..core.layers import NOT_KEPT
 
 # %% auto #0
 __all__ = ['ADAPTERS', 'ArchAdapter', 'time_spans', 'conv_spans', 'probe_spans', 'spread_to_steps', 'register', 'supported',
@@ -148,7 +148,7 @@ def _unswap_layer(m:nn.Module)->bool: # whether `m` was a twin (it is stock now)
     "Give one twin its stock class back, in place, without what the twin held: the one place a stock class is put back"
     stock = {v:k for k,v in layer_adapter(m).twins.items()}.get(type(m))
     if stock is None: return False
-    for k in ('keep_weights',) + _NOT_KEPT: m.__dict__.pop(k, None)
+    for k in ('keep_weights',) + NOT_KEPT: m.__dict__.pop(k, None)
     m.__class__ = stock
     return True
 

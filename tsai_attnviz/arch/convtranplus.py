@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import store_attr
 from tsai.models.ConvTranPlus import Attention, Attention_Rel_Scl, Attention_Rel_Vec, ConvTranPlus
-from ..core.layers import _ExposesWeights, check_input
+from ..core.layers import ExposesWeights, check_input
 from . import ArchAdapter, register, swap_attention, attention_layers
 
 # %% auto #0
@@ -25,7 +25,7 @@ __all__ = ['CONVTRANPLUS', 'Attention_With_Weights', 'Attention_Rel_Scl_With_Wei
            'ConvTranPlusAdapter', 'ConvTranPlusWithAttn']
 
 # %% ../../nbs/11_arch_convtranplus.ipynb #44ad0c31
-class _ConvTranTwin(_ExposesWeights):
+class _ConvTranTwin(ExposesWeights):
     "What the ConvTranPlus twins share: the softmax (plus eRPE's bias), and the stock projections"
 
     def _attend(self,

@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tsai.models.ConvTranPlus import Attention, Attention_Rel_Scl, Attention_Rel_Vec
-from ..core.layers import _NOT_KEPT
-from ..core.stream import AttnPublisher, _STREAM_STATE
+from ..core.layers import NOT_KEPT
+from ..core.stream import AttnPublisher, STREAM_STATE
 from . import no_attention_error
 from .convtranplus import CONVTRANPLUS, _FAST, _STOCK, _check_heads
 import tsai_attnviz.record.export  # noqa: F401 (learn.export() holds stock layers)
@@ -124,7 +124,7 @@ class _Fused(AttnPublisher):
 
     def __getstate__(self):
         "Pickle without consumers"
-        return {k:(None if k in _NOT_KEPT else v) for k,v in self.__dict__.items() if k not in _STREAM_STATE}
+        return {k:(None if k in NOT_KEPT else v) for k,v in self.__dict__.items() if k not in STREAM_STATE}
 
 # %% ../../nbs/18_arch_convtranplus_fast.ipynb #fa57000a
 class Attention_Fast(_Fused, Attention):

@@ -18,14 +18,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tsai.models.PatchTST import _ScaledDotProductAttention, _MultiheadAttention, _PatchTST_backbone
-from ..core.layers import _ExposesWeights
+from ..core.layers import ExposesWeights
 from . import ArchAdapter, register, conv_spans
 
 # %% auto #0
 __all__ = ['PATCHTST', 'patch_spans', 'PatchTSTAdapter', 'forecast_data']
 
 # %% ../../nbs/13_arch_patchtst.ipynb #5a7c0007
-class _ScaledDotProductAttention_With_Weights(_ExposesWeights, _ScaledDotProductAttention):
+class _ScaledDotProductAttention_With_Weights(ExposesWeights, _ScaledDotProductAttention):
     "PatchTST's `_ScaledDotProductAttention` that exposes its weights `[bs·n_vars, n_heads, n_patches, n_patches]`"
     def forward(self, q:torch.Tensor, # [bs·n_vars, H, q_len, d_k]
                 k:torch.Tensor, # [bs·n_vars, H, d_k, k_len], already transposed

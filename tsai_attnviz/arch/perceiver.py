@@ -16,14 +16,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tsai.models.TSPerceiver import Attention, CrossAttention, TSPerceiver
-from ..core.layers import _ExposesWeights
+from ..core.layers import ExposesWeights
 from . import ArchAdapter, register, time_spans
 
 # %% auto #0
 __all__ = ['TSPERCEIVER', 'TSPerceiverAttention_With_Weights', 'TSPerceiverAdapter']
 
 # %% ../../nbs/17_arch_perceiver.ipynb #7f17a007
-class TSPerceiverAttention_With_Weights(_ExposesWeights, Attention):
+class TSPerceiverAttention_With_Weights(ExposesWeights, Attention):
     "tsai's TSPerceiver `Attention` that exposes its weights `[bs, n_heads, n_queries, n_keys]`"
     def forward(self, x, context=None, mask=None): # x: [bs, n_latents, d_latent]; context: [bs, n_keys, d_context] or None
         h, d = self.n_heads, self.d_head

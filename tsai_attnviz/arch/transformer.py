@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tsai.models.TransformerRNNPlus import _TransformerRNNEncoder
 from tsai.models.TransformerModel import TransformerModel
-from ..core.layers import _ExposesWeights
+from ..core.layers import ExposesWeights
 from . import ArchAdapter, register, time_spans
 
 # %% auto #0
@@ -34,7 +34,7 @@ def _pad_stack(maps:list)->torch.Tensor: # [bs, H, L, L]
     return torch.stack([F.pad(m, (0, L - m.shape[-1], 0, L - m.shape[-2])) for m in maps])
 
 # %% ../../nbs/16_arch_transformer.ipynb #7f16a008
-class TransformerEncoderLayer_With_Weights(_ExposesWeights, nn.TransformerEncoderLayer):
+class TransformerEncoderLayer_With_Weights(ExposesWeights, nn.TransformerEncoderLayer):
     "torch's `TransformerEncoderLayer`, run unchanged, with the attention maps of the samples wanted recomputed beside it"
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
         out = super().forward(src, src_mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)

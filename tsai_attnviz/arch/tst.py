@@ -15,14 +15,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tsai.models.TST import _MultiHeadAttention, TST
-from ..core.layers import _ExposesWeights
+from ..core.layers import ExposesWeights
 from . import ArchAdapter, register, time_spans, conv_spans, probe_spans
 
 # %% auto #0
 __all__ = ['TST_FAMILY', 'TST_MultiHeadAttention_With_Weights', 'tst_spans', 'TSTAdapter']
 
 # %% ../../nbs/14_arch_tst.ipynb #7a1c0e07
-class _MultiHeadAttentionTwin(_ExposesWeights):
+class _MultiHeadAttentionTwin(ExposesWeights):
     "The forward of tsai's `_MultiHeadAttention` (TST, RNNAttention, RNNAttentionPlus), handing its weights on"
     def forward(self, Q, K, V, # [bs, q_len, d_model], [bs, k_len, d_model], [bs, k_len, d_model]
                 mask=None): # unused, as in stock

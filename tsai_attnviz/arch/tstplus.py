@@ -19,14 +19,14 @@ from fastcore.xtras import is_listy
 from tsai.models.layers import MultiheadAttention, ScaledDotProductAttention, MultiEmbedding
 from tsai.models.TSTPlus import _TSTBackbone, _Splitter
 from tsai.models.TSiTPlus import _TSiTBackbone
-from ..core.layers import _ExposesWeights
+from ..core.layers import ExposesWeights
 from . import ArchAdapter, register, time_spans, conv_spans, probe_spans
 
 # %% auto #0
 __all__ = ['TSTPLUS', 'MultiheadAttention_With_Weights', 'TSTPlusAdapter']
 
 # %% ../../nbs/12_arch_tstplus.ipynb #7a570007
-class MultiheadAttention_With_Weights(_ExposesWeights, MultiheadAttention):
+class MultiheadAttention_With_Weights(ExposesWeights, MultiheadAttention):
     "tsai's `MultiheadAttention` (TSTPlus, MultiTSTPlus, TSiTPlus) that exposes its weights `[bs, n_heads, q_len, k_len]`"
     def forward(self, Q:torch.Tensor, # [bs, q_len, d_model]
                 K:torch.Tensor=None, V:torch.Tensor=None, # [bs, k_len, d_model]; default: Q

@@ -13,15 +13,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn as nn
-from .stream import AttnConsumer, AttnPublisher, _STREAM_STATE
+from .stream import AttnConsumer, AttnPublisher, STREAM_STATE
 
 # %% auto #0
-__all__ = ['STAT_NAMES', 'STAT_COMBINE', 'check_input', 'head_stats', 'attention_stats', 'attention_hook', 'AttnStatsHook']
+__all__ = ['NOT_KEPT', 'STAT_NAMES', 'STAT_COMBINE', 'ExposesWeights', 'check_input', 'head_stats', 'attention_stats',
+           'attention_hook', 'AttnStatsHook']
 
 # %% ../../nbs/01_core_layers.ipynb #44ad0c31
-_NOT_KEPT = ('attn_weights', 'attn_softmax') + _STREAM_STATE  # never pickled: what a forward saw, who listens
+NOT_KEPT = ('attn_weights', 'attn_softmax') + STREAM_STATE  # never pickled: what a forward saw, who listens
 
-class _ExposesWeights(AttnPublisher):
+class ExposesWeights(AttnPublisher):
     "Mixin for every twin layer: where a forward's attention goes (the attached consumers, kept weights), and a pickle that never holds it"
     keep_weights,attn_weights,attn_softmax = True,None,None
 
@@ -44,7 +45,7 @@ class _ExposesWeights(AttnPublisher):
 
     def __getstate__(self):
         "Pickle without kept weights or consumers: a model's pickle never grows with what it saw"
-        return {k:(None if k in _NOT_KEPT else v) for k,v in self.__dict__.items() if k not in _STREAM_STATE}
+        return {k:(None if k in NOT_KEPT else v) for k,v in self.__dict__.items() if k not in STREAM_STATE}
 
 # %% ../../nbs/01_core_layers.ipynb #218c34b3
 def check_input(x:torch.Tensor, # the batch about to be fed to the model

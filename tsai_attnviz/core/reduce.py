@@ -14,7 +14,7 @@ from fastcore.basics import store_attr
 from .layers import head_stats
 
 # %% auto #0
-__all__ = ['block_size', 'reduce_map', 'MapReducer']
+__all__ = ['block_size', 'reduce_map', 'pool_keys', 'MapReducer']
 
 # %% ../../nbs/02_core_reduce.ipynb #fe0ee6dd
 def block_size(seq_len:int, max_len:int|None)->int:
@@ -25,9 +25,9 @@ def reduce_map(w:torch.Tensor, # [..., Lq, L]
                max_len:int|None, # most cells per side; None keeps the full map
               )->torch.Tensor: # [..., ceil(Lq/k), ceil(L/k)], k from the longer side
     "Block-average the last two dims of `w` so that neither exceeds `max_len` cells"
-    return _pool_keys(w, block_size(max(w.shape[-2:]), max_len), keys=False)[0]
+    return pool_keys(w, block_size(max(w.shape[-2:]), max_len), keys=False)[0]
 
-def _pool_keys(m:torch.Tensor, # [..., Lq, L] (queries need not be as many as keys: cross-attention)
+def pool_keys(m:torch.Tensor, # [..., Lq, L] (queries need not be as many as keys: cross-attention)
                k:int, # block side
                keys:bool=True, # also return the mean over queries
               ): # ([..., ceil(Lq/k), ceil(L/k)] block means, [..., L] mean over queries or None)
@@ -77,13 +77,13 @@ class MapReducer:
         bias:torch.Tensor=None, # [H, c, L], rows of a bias added to `m` in the full map and the statistics
         masked:bool=True, # keys may be masked (-inf scores); False: the layer masks none (`AttnChunk.masked`)
     ):
-        "Add rows `q0..q0+c-1`; a chunk that holds every row is reduced in one pass, as `_pool_keys` and `head_stats` do"
+        "Add rows `q0..q0+c-1`; a chunk that holds every row is reduced in one pass, as `pool_keys` and `head_stats` do"
         c = m.shape[-2]
         if q0 != self.seen: raise ValueError(f"rows must come in order: expected a chunk starting at row {self.seen}, got {q0}.")
         ent = _entropy(m, logits, masked) if self.entropy or self.stats else None                  # [H, c]: from the scores, or p·log p
         w = (m if bias is None else m + bias) if self.full or self.stats else None          # [H, c, L]
         if c == self.Lq:  # the whole map at once
-            red, key = _pool_keys(m, self.k)
+            red, key = pool_keys(m, self.k)
             self._one = dict(red=red, key=key, full=w, ent=ent, stats=head_stats(w, m, ent) if self.stats else None)
         else: self._add_rows(m, q0, ent, w, bias is not None)
         self.seen += c

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 # %% auto #0
-__all__ = ['AttnChunk', 'AttnConsumer', 'AttnPublisher', 'Attachment', 'attached']
+__all__ = ['STREAM_STATE', 'AttnChunk', 'AttnConsumer', 'AttnPublisher', 'Attachment', 'attached']
 
 # %% ../../nbs/00_core_stream.ipynb #st000007
 @dataclass
@@ -45,7 +45,7 @@ class AttnConsumer:
         raise NotImplementedError(f"{type(self).__name__} is an AttnConsumer: define receive(chunk).")
 
 # %% ../../nbs/00_core_stream.ipynb #st000010
-_STREAM_STATE = ('_subs', '_only', '_call', '_attn_stock')  # what `attached` sets on a layer: never pickled
+STREAM_STATE = ('_subs', '_only', '_call', '_attn_stock')  # what `attached` sets on a layer: never pickled
 
 def _runs(idx:list)->list: # [(a, b)]: idx[a:b] are consecutive
     "Runs of consecutive numbers in the sorted list `idx`, as slices of it"

@@ -24,7 +24,7 @@ from fastai.learner import Learner
 from ..arch import (grad_safe, call_args, model_input_shape, layer_adapter, attention_layers, adapters_for, swap_attention, unswap_attention, tokens_of,
                                spread_to_steps)
 from ..data import check_X, target_info, class_index, has_data
-from ..show.plot import _finish
+from ..show.plot import finish_figure
 from ..core.stream import AttnConsumer, attached
 
 # %% auto #0
@@ -655,7 +655,7 @@ def plot_relevance(x, # [c_in, L] or [L]: the input as the model saw it
         axes[0].set_xlabel('Time step'); axes[0].set_ylabel('relevance')
         axes[0].legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize='x-small', borderaxespad=0)  # beside the curves, never on them
         if title: axes[0].set_title(title)
-        return _finish(fig, path)
+        return finish_figure(fig, path)
     for c in range(x.shape[0]): axes[0].plot(t, x[c], lw=1, label=var_names[c] if var_names else f'var {c}')
     axes[0].set_ylabel('input value')
     axes[0].legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize='x-small', borderaxespad=0)  # beside the series, never on them
@@ -668,4 +668,4 @@ def plot_relevance(x, # [c_in, L] or [L]: the input as the model saw it
         if (r < 0).any(): a.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize='x-small', borderaxespad=0)
     axes[-1].set_xlabel('Time step')
     for a in axes: a.set_xlim(-0.5, L - 0.5)
-    return _finish(fig, path)
+    return finish_figure(fig, path)

@@ -9,7 +9,7 @@ record would not fit, and, for `max_len='auto'`, picks the largest map side that
 from __future__ import annotations
 import math, warnings
 import torch
-from .recording import _record_bytes
+from .recording import record_bytes
 
 # %% auto #0
 __all__ = ['Budget']
@@ -38,7 +38,7 @@ class Budget:
     def fits(self, r:dict, n_stored:int)->bool:
         "Whether record `r` fits (and count it); past the budget, say once what to do and fit nothing more this pass"
         if self.full: return False
-        new = _record_bytes(r)
+        new = record_bytes(r)
         if not self.cap or self.used + new <= self.max_mem * 2**20:
             self.used += new
             return True

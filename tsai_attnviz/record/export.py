@@ -16,7 +16,7 @@ import cloudpickle
 from fastcore.basics import patch
 from fastcore.foundation import L
 from fastai.learner import Learner
-from ..core.layers import _NOT_KEPT
+from ..core.layers import NOT_KEPT
 
 # %% auto #0
 __all__ = ['exportable']
@@ -24,7 +24,7 @@ __all__ = ['exportable']
 # %% ../../nbs/35_record_export.ipynb #ex000006
 _PKG = 'tsai_attnviz'
 _HOOKS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
-_LAYER_ATTRS = ('keep_weights', 'chunk') + _NOT_KEPT  # what a twin or fused layer sets on its instance
+_LAYER_ATTRS = ('keep_weights', 'chunk') + NOT_KEPT  # what a twin or fused layer sets on its instance
 
 def _ours(o)->bool:
     "Whether `o` (a callback, a module, a hook: an object, function or bound method) comes from this package"

@@ -17,7 +17,7 @@ from ..core.layers import check_input
 from ..core.stream import AttnConsumer, AttnChunk, attached
 from ..arch import adapter_for, layer_adapter, tokens_of, model_input_shape
 from ..core.reduce import block_size, MapReducer
-from .recording import AttnRecording, _to_dtype, to_host, host_ready
+from .recording import AttnRecording, to_dtype, to_host, host_ready
 from ..data import target_info, nonfinite_message
 from .select import ItemSelection
 from .budget import Budget
@@ -81,7 +81,7 @@ class AttnRecorder(AttnConsumer, Callback):
         store_attr('max_len,tag,train,restore,accumulate,every_epoch,path')
         # the parts, each owning its state: which items, how much memory, the mean maps, the probe, where figures go
         self.select = ItemSelection(batches, samples, idxs, layers, heads)
-        self.budget = Budget(max_mem, _to_dtype(dtype), cap=path is None)
+        self.budget = Budget(max_mem, to_dtype(dtype), cap=path is None)
         self.mean_maps = MeanMaps(aggregate, bins)
         self.probe_items = Probe(listify(probe) if probe is not None else [0]) if every_epoch else None
         self.stats = every_epoch if stats is None else stats

@@ -18,7 +18,8 @@ from fastcore.basics import patch
 from ..core.layers import STAT_NAMES, STAT_COMBINE
 
 # %% auto #0
-__all__ = ['PARTS', 'INPUT_PARTS', 'PART_NAMES', 'to_host', 'host_ready', 'AttnRecording', 'bin_labels']
+__all__ = ['PARTS', 'INPUT_PARTS', 'PART_NAMES', 'to_dtype', 'to_host', 'host_ready', 'record_bytes', 'AttnRecording',
+           'bin_labels']
 
 # %% ../../nbs/30_record_recording.ipynb #ddc1c7a1
 _DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -28,7 +29,8 @@ INPUT_PARTS = PARTS[:2]  # the parts the input changes: relevance explains one o
 PART_NAMES = dict(effective='effective (the matrix that multiplies the values)', softmax='softmax part', bias='relative bias (eRPE)')  # as figures and the report name them
 _REC_SCALARS = ('target', 'idx', 'batch', 'sample', 'layer', 'tag', 'epoch', 'split', 'forward', 'block', 'var', 'call')
 
-def _to_dtype(dtype):
+def to_dtype(dtype)->torch.dtype:
+    "The torch dtype a recording keeps maps in, from its name ('float32', 'float16', 'bfloat16') or itself; an error naming the allowed ones"
     if isinstance(dtype, str) and dtype in _DTYPES: return _DTYPES[dtype]
     if dtype in _DTYPES.values(): return dtype
     raise ValueError(f"dtype={dtype!r} is not allowed: use one of {list(_DTYPES)} (or the torch dtypes).")
@@ -45,7 +47,9 @@ def host_ready(device=None):
     "Wait for the copies `to_host` started on `device`'s current stream (nothing to wait for on the CPU)"
     if torch.cuda.is_available() and (device is None or torch.device(device).type == 'cuda'): torch.cuda.current_stream(device).synchronize()
 
-def _record_bytes(r): return sum(r[k].numel() * r[k].element_size() for k in ('weights', 'softmax', 'key_attn', 'entropy') if r.get(k) is not None)
+def record_bytes(r:dict)->int: # bytes of a record's maps and summaries (what `max_mem` counts)
+    "The bytes a record's maps, softmax part, key means and entropy take"
+    return sum(r[k].numel() * r[k].element_size() for k in ('weights', 'softmax', 'key_attn', 'entropy') if r.get(k) is not None)
 
 class AttnRecording:
     "Recorded attention maps with the inputs, targets, predictions and indices that go with them"
@@ -57,7 +61,7 @@ class AttnRecording:
 
     def __len__(self): return len(self.records)
     @property
-    def nbytes(self): return sum(map(_record_bytes, self.records))  # what the maps and summaries take, in bytes
+    def nbytes(self): return sum(map(record_bytes, self.records))  # what the maps and summaries take, in bytes
     def __repr__(self):
         w = f", maps {list(self.records[0]['weights'].shape)}" if self.records else ''
         return f"AttnRecording({len(self)} records{w}, tags {sorted(set(self.tags))}, aggregates {list(self.aggregates)})"
@@ -297,7 +301,7 @@ def load(cls:AttnRecording, path)->AttnRecording:
 
 def _parse(d:dict, meta:dict):
     "Records, aggregates and metadata from the arrays of a saved recording"
-    n, dtype = int(meta.pop('n')), _to_dtype(meta.pop('dtype', 'float32'))
+    n, dtype = int(meta.pop('n')), to_dtype(meta.pop('dtype', 'float32'))
     for k in ('format', 'version'): meta.pop(k, None)
     need = ('idxs', 'batches', 'samples', 'epochs', 'layers', 'tags', 'splits', 'targets')
     bad = {k: len(d[k]) for k in need + tuple(k for k in ('forwards', 'blocks', 'key_attn', 'entropy', 'inputs', 'preds', 'stats', 'weights')

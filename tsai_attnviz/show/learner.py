@@ -18,7 +18,7 @@ from ..data import target_info, item_title, decode_target, class_index, has_data
 from ..record.recorder import AttnRecorder
 from ..arch import model_input_shape
 from ..record.recording import AttnRecording, PARTS
-from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, plot_attention_stats, _finish, _steps, _wrap
+from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, plot_attention_stats, finish_figure, _steps, _wrap
 
 # %% auto #0
 __all__ = []
@@ -366,4 +366,4 @@ def show_attention_evolution(self:Learner,
         df = rec.filter(idx=idx, layer=name).stats_df()
         plot_attention_stats(df, x='epoch', stats=[s for s in stats if s in df.columns],  # bias_share only where there is a bias
                              heads=None if head is None else [head], fig=bottom)
-    return _finish(fig, path)
+    return finish_figure(fig, path)

@@ -18,8 +18,8 @@ from ..arch import spread_to_steps
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 # %% auto #0
-__all__ = ['to_display', 'plot_attention_weights', 'plot_head_grid', 'plot_attention_over_series', 'plot_attention_stats',
-           'plot_item_across_folds']
+__all__ = ['to_display', 'finish_figure', 'plot_attention_weights', 'plot_head_grid', 'plot_attention_over_series',
+           'plot_attention_stats', 'plot_item_across_folds']
 
 # %% ../../nbs/20_show_plot.ipynb #7239e047
 def _t(o): return o.detach().float().cpu() if torch.is_tensor(o) else torch.as_tensor(np.asarray(o), dtype=torch.float32)
@@ -50,7 +50,7 @@ def _axes_px(ax):
     bb = ax.get_window_extent()
     return max(int(min(bb.width, bb.height)), 16)
 
-def _finish(fig, path):
+def finish_figure(fig, path):
     "Save to `path` (closing the figure) when asked; never block a non-interactive backend"
     if path is not None:
         fig.savefig(path, dpi=fig.dpi, bbox_inches='tight')
@@ -123,7 +123,7 @@ def plot_attention_weights(attention_weights, # list (one per layer or forward) 
     if need > w_in: t.set_text(_wrap(title, _chars(w_in - 2.2, 12)))  # past that: lines broken between the title's parts
     _label_map_axes(ax, tokens)
     fig.colorbar(im, ax=ax, label=_wrap(cbar_label, _chars(h_in - 1.2)))
-    return _finish(fig, path)
+    return finish_figure(fig, path)
 
 def _check_index(name, i, n):
     if not isinstance(i, (int, np.integer)) or not -n <= i < n:
@@ -181,7 +181,7 @@ def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l], or a l
     shrink = 0.8 if n > 2 else 1.  # one or two rows: the whole height, so that its label has room
     if shared_scale: fig.colorbar(im, ax=axs, shrink=shrink, label=_wrap(cbar_label, _chars(panel_size * n * shrink - 0.3)))
     if suptitle: fig.suptitle(_wrap(suptitle, _chars(w_in - 0.3, 12)))
-    return _finish(fig.figure, path)  # a SubFigure's figure is the whole figure; a Figure's is itself
+    return finish_figure(fig.figure, path)  # a SubFigure's figure is the whole figure; a Figure's is itself
 
 # %% ../../nbs/20_show_plot.ipynb #6e45de8e
 def plot_attention_over_series(x, # [c_in, L] the input as the model saw it
@@ -237,7 +237,7 @@ def plot_attention_over_series(x, # [c_in, L] the input as the model saw it
         what0 = '(from 0)' if base == 0 else f'(from the minimum, {base:.3g}: values below 0 come from the bias)'
         ax2.set_ylabel(_wrap(f'{quantity}\n{what0}', _chars(figsize[1] * 1.5 / 4.5 - 0.1, 8.3)), fontsize='small')  # as long as its axes are high
         ax2.set_xlabel('Time step'); ax2.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize='x-small', borderaxespad=0)
-    return _finish(fig, path)
+    return finish_figure(fig, path)
 
 # %% ../../nbs/20_show_plot.ipynb #689a1268
 def plot_attention_stats(df, # `AttnRecording.stats_df()`: one row per record and head
@@ -260,7 +260,7 @@ def plot_attention_stats(df, # `AttnRecording.stats_df()`: one row per record an
             ax.plot(d[x], d[st], marker='o', ms=3, color=cmap(i % cmap.N), label=f'Head {h}')
         ax.set_title(st.replace('_', ' ')); ax.set_xlabel(x)
     axs[-1].legend(fontsize='x-small', loc='center left', bbox_to_anchor=(1.02, 0.5))
-    return _finish(fig.figure, path)
+    return finish_figure(fig.figure, path)
 
 # %% ../../nbs/20_show_plot.ipynb #6765a166
 def plot_item_across_folds(recordings, # AttnRecordings (e.g. one per fold, loaded from files), or one holding several tags

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from fastcore.basics import patch, listify
 from fastai.learner import Learner
 from ..arch import layer_adapter, time_spans
-from ..core.reduce import _pool_keys
-from ..record.recording import AttnRecording, _to_dtype
+from ..core.reduce import pool_keys
+from ..record.recording import AttnRecording, to_dtype
 from .learner import _recording, _info, _titles
 from ..data import item_title, decode_target
 
@@ -36,7 +36,7 @@ def encode_array(a, # tensor or array; float16, bfloat16 and float32 are kept as
                 )->dict: # {'dtype', 'shape', 'slab', 'data'}: JSON for the report page
     "Encode `a` losslessly for the report page: its last two dims as images, each cell predicted from its neighbours, deflated"
     t = torch.as_tensor(a).detach().cpu()
-    t = t.to(_to_dtype(dtype)) if dtype is not None else t if t.dtype in _NB else t.float()
+    t = t.to(to_dtype(dtype)) if dtype is not None else t if t.dtype in _NB else t.float()
     shape = list(t.shape)
     if t.ndim < 2: t = t.reshape(1, -1)
     rows, cols = t.shape[-2:]
@@ -53,7 +53,7 @@ def encode_array(a, # tensor or array; float16, bfloat16 and float32 are kept as
 
 def decode_array(e:dict)->torch.Tensor:
     "The tensor `encode_array` encoded, bit for bit (what the page's JavaScript does, in numpy)"
-    dt = _to_dtype(e['dtype'])
+    dt = to_dtype(e['dtype'])
     nb = _NB[dt]; M = 1 << (8 * nb); S = M >> 1
     planes = np.frombuffer(zlib.decompress(base64.b64decode(e['data'])), np.uint8).reshape(nb, -1)
     z = np.ascontiguousarray(planes.T).view(np.uint16 if nb == 2 else np.uint32).reshape(-1, *e['slab']).astype(np.int64)
@@ -119,7 +119,7 @@ def _coarsen(m:torch.Tensor, # [..., R, C]: means over blocks of k × k tokens
             )->torch.Tensor: # [..., ceil(R/g), ceil(C/g)]: means over blocks of k·g tokens, in m's dtype
     "Block means of block means: what `reduce_map` gives a full map for blocks of k·g tokens (the last blocks: the mean of what they cover)"
     if g == 1: return m
-    if k == 1: return _pool_keys(m.float(), g, keys=False)[0].to(m.dtype)  # a full map: block averaging as reduce.py does
+    if k == 1: return pool_keys(m.float(), g, keys=False)[0].to(m.dtype)  # a full map: block averaging as reduce.py does
     R, C = m.shape[-2:]
     R2, C2 = -(-R // g), -(-C // g)
     wq, wk = _widths(R, nq, k), _widths(C, nk, k)                                   # [R], [C]: tokens each cell covers
@@ -444,7 +444,7 @@ def _bias_parts(model, rec:AttnRecording)->tuple:
             if b is not None:
                 b = b.detach().float().cpu()[rec.heads_of(r['layer']) or slice(None)]
                 k = _block_of(r, *key[1][-2:], *b.shape[-2:], rec.block)
-                red[key] = (_pool_keys(b, k, keys=False)[0], b.shape[-1], k)                               # [H, l, l], keys, block
+                red[key] = (pool_keys(b, k, keys=False)[0], b.shape[-1], k)                               # [H, l, l], keys, block
                 if tuple(red[key][0].shape) != key[1]: red[key] = None
         biases.append(red[key])
     if all(b is None for b in biases): return {}, notes
