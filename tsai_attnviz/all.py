@@ -54,4 +54,4 @@ __all__ = __all__ + _ck.__all__ + _ex.__all__ + _st.__all__ + _at.__all__ + _pl.
 # %% ../nbs/99_all.ipynb #a58dab56
 from .record.distributed import *  # under torch.distributed: shard_ready for tsai's loaders, gather_recording (imports no fastai.distributed)
 from .record import distributed as _dd
-__all__ = __all__ + _dd.__all__
+__all__ = list(dict.fromkeys(__all__ + _dd.__all__))  # each name once (a family module re-exports its fused layers)

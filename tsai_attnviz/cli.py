@@ -245,7 +245,7 @@ def _load(a, cmd:str='show'):
         except (TypeError, ValueError) as e: raise CLIError(str(e)) from None
     from fastai.learner import load_learner
     from tsai_attnviz.arch import model_input_shape
-    from tsai_attnviz.data import target_info, _target_tfm
+    from tsai_attnviz.data import target_info, target_tfm
     try:
         with warnings.catch_warnings():  # fastai's warning about pickles is in `show --help`; here it would bury our errors
             warnings.simplefilter('ignore', UserWarning)
@@ -256,7 +256,7 @@ def _load(a, cmd:str='show'):
     except ValueError as e: raise CLIError(str(e)) from None
     shape = model_input_shape(learn.model) or X.shape[1:]  # a family whose input the model does not fix takes the data's
     X = check_data(X, *shape)
-    y = None if y is None else check_labels(y, target_info(learn), len(X), getattr(_target_tfm(learn), 'vocab', None))
+    y = None if y is None else check_labels(y, target_info(learn), len(X), getattr(target_tfm(learn), 'vocab', None))
     if a.fast:
         from tsai_attnviz.arch.convtranplus_fast import fast_attention
         fast_attention(learn.model)
@@ -286,11 +286,11 @@ def _show_recording(a, report_only:bool=False):
     if not len(rec): raise CLIError(f"{a.learner} holds no records: nothing to draw")
     have = list(dict.fromkeys(i for i in rec.idxs if i is not None))
     idxs = a.idxs if a.idxs else have[:4]
-    from tsai_attnviz.core.checks import check_idx, check_head, _span
+    from tsai_attnviz.core.checks import check_idx, check_head, span_text
     if bad := [i for i in idxs if i not in set(have)]:  # a recording of a whole dataset: its indices said short
         s = sorted(have)
         raise CLIError(f"--idxs {bad}: not in {a.learner}, which holds {len(s)} items: dataset indices "
-                       f"{_span(s) if len(s) <= 20 or s == list(range(s[0], s[0] + len(s))) else f'{s[:10]} ... {s[-1]}'}")
+                       f"{span_text(s) if len(s) <= 20 or s == list(range(s[0], s[0] + len(s))) else f'{s[:10]} ... {s[-1]}'}")
     try:
         check_idx(idxs, what='--idxs')
         if not report_only: check_head(a.head, rec.heads_of(rec.layers[0]), what='--head', none_ok=False)

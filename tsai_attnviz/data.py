@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['TASKS', 'target_info', 'format_values', 'decode_target', 'decode_pred', 'item_title', 'class_index', 'has_data']
+__all__ = ['TASKS', 'target_tfm', 'target_info', 'format_values', 'class_name', 'decode_target', 'decode_pred', 'item_title',
+           'class_index', 'has_data']
 
 # %% ../nbs/04_data.ipynb #c38eeb2f
 from .core.checks import check_X, nonfinite_message  # one validation path for every entry point: `tsai_attnviz.core.checks`
@@ -20,7 +21,7 @@ from .core.checks import check_X, nonfinite_message  # one validation path for e
 # %% ../nbs/04_data.ipynb #5bad8787
 TASKS = ('classification', 'multilabel', 'regression')
 
-def _target_tfm(learn):
+def target_tfm(learn):
     "The last transform of the target pipeline (TSClassification, TSMultiLabelClassification...), or None"
     try: fs = learn.dls.tls[-1].tfms.fs
     except (AttributeError, IndexError, TypeError): return None
@@ -28,7 +29,7 @@ def _target_tfm(learn):
 
 def target_info(learn)->dict: # {'task': one of TASKS, 'vocab': class names as str, or None}
     "What a Learner predicts: the task and the class names, read from its target transform (kept by `load_learner`) or its loss"
-    tfm, loss = _target_tfm(learn), type(getattr(learn, 'loss_func', None)).__name__
+    tfm, loss = target_tfm(learn), type(getattr(learn, 'loss_func', None)).__name__
     func = type(getattr(getattr(learn, 'loss_func', None), 'func', None)).__name__
     vocab = getattr(tfm, 'vocab', None)
     if vocab is None:
@@ -48,7 +49,9 @@ def format_values(v, most:int=4)->str:
     more = f", … {a.size} values" if a.size > most else ''
     return '[' + ', '.join(map(_fmt, a[:most])) + more + ']'
 
-def _name(info, i): return info['vocab'][i] if info.get('vocab') and 0 <= i < len(info['vocab']) else str(i)
+def class_name(info:dict, i:int)->str:
+    "The name of class number `i` as tsai decodes it (`info['vocab']`), else the number itself"
+    return info['vocab'][i] if info.get('vocab') and 0 <= i < len(info['vocab']) else str(i)
 
 def decode_target(info:dict, # from `target_info`
                   t)->str: # a record's target: class number, multi-hot vector or values
@@ -56,8 +59,8 @@ def decode_target(info:dict, # from `target_info`
     if t is None: return '?'
     a = np.asarray(t.float() if torch.is_tensor(t) else t, dtype=float)
     if np.isnan(a).all(): return '?'
-    if info['task'] == 'classification': return _name(info, int(a.ravel()[0]))
-    if info['task'] == 'multilabel': return '{' + ', '.join(_name(info, i) for i in np.flatnonzero(a.ravel() > 0.5)) + '}'
+    if info['task'] == 'classification': return class_name(info, int(a.ravel()[0]))
+    if info['task'] == 'multilabel': return '{' + ', '.join(class_name(info, i) for i in np.flatnonzero(a.ravel() > 0.5)) + '}'
     return format_values(a)
 
 def decode_pred(info:dict, # from `target_info`
@@ -65,8 +68,8 @@ def decode_pred(info:dict, # from `target_info`
     "A prediction as tsai decodes it: argmax class name, labels whose logit is above 0, or values"
     if pred is None: return '?'
     p = torch.as_tensor(pred).float().ravel()
-    if info['task'] == 'classification': return _name(info, int(p.argmax()))
-    if info['task'] == 'multilabel': return '{' + ', '.join(_name(info, int(i)) for i in (p > 0).nonzero().ravel()) + '}'
+    if info['task'] == 'classification': return class_name(info, int(p.argmax()))
+    if info['task'] == 'multilabel': return '{' + ', '.join(class_name(info, int(i)) for i in (p > 0).nonzero().ravel()) + '}'
     return format_values(p)
 
 def item_title(info:dict, target, pred)->str:

@@ -13,8 +13,8 @@ import operator
 import numpy as np
 
 # %% auto #0
-__all__ = ['ArgumentRangeError', 'check_head', 'check_layer', 'check_idx', 'check_var', 'check_choice', 'check_method', 'check_X',
-           'nonfinite_message']
+__all__ = ['ArgumentRangeError', 'span_text', 'check_head', 'check_layer', 'check_idx', 'check_var', 'check_choice',
+           'check_method', 'check_X', 'nonfinite_message']
 
 # %% ../../nbs/03_core_checks.ipynb #c4ec0007
 class ArgumentRangeError(IndexError, ValueError):
@@ -30,7 +30,7 @@ def _as_int(v)->int|None:
     try: return operator.index(v)
     except TypeError: return None
 
-def _span(allowed)->str: # '0..7' for 0, 1, ..., 7; '[2, 5]' otherwise
+def span_text(allowed)->str: # '0..7' for 0, 1, ..., 7; '[2, 5]' otherwise
     "The allowed whole numbers, short"
     a = list(allowed)
     return f"{a[0]}..{a[-1]}" if len(a) > 2 and a == list(range(a[0], a[0] + len(a))) else str(a)
@@ -45,14 +45,14 @@ def check_head(head, # the head asked for; None: every head
     allowed = None if heads is None else list(range(heads)) if _as_int(heads) is not None else [int(h) for h in heads]
     if head is None:
         if none_ok: return None
-        raise TypeError(f"{what} is None: pass a head number" + (f" in {_span(allowed)}" if allowed else '') + '.')
+        raise TypeError(f"{what} is None: pass a head number" + (f" in {span_text(allowed)}" if allowed else '') + '.')
     h = _as_int(head)
     if h is None:
-        raise TypeError(f"{_said(what, head)} not a head number: use an int" + (f" in {_span(allowed)}" if allowed else '')
+        raise TypeError(f"{_said(what, head)} not a head number: use an int" + (f" in {span_text(allowed)}" if allowed else '')
                         + (', or None for every head' if none_ok else '') + '.')
     if allowed is None or h in allowed: return h
     if _as_int(heads) is not None:
-        raise ArgumentRangeError(f"{_said(what, h)} out of range: the model has {len(allowed)} heads ({_span(allowed)})")
+        raise ArgumentRangeError(f"{_said(what, h)} out of range: the model has {len(allowed)} heads ({span_text(allowed)})")
     raise ArgumentRangeError(f"{_said(what, h).removesuffix(' is')} is not recorded: heads are {allowed}.")
 
 # %% ../../nbs/03_core_checks.ipynb #c4ec0012
@@ -116,10 +116,10 @@ def check_var(var, # a variable of the input (channel-independent models draw on
     if var is None: return None
     v = _as_int(var)
     allowed = None if n_vars is None else list(range(n_vars)) if _as_int(n_vars) is not None else sorted(int(x) for x in n_vars)
-    if v is None: raise TypeError(f"{_said(what, var)} not a variable number: use an int" + (f" in {_span(allowed)}" if allowed else '') + '.')
+    if v is None: raise TypeError(f"{_said(what, var)} not a variable number: use an int" + (f" in {span_text(allowed)}" if allowed else '') + '.')
     if allowed is None or v in allowed: return v
     if _as_int(n_vars) is not None:
-        raise ArgumentRangeError(f"{_said(what, v)} out of range: the input has {len(allowed)} variables ({_span(allowed)})")
+        raise ArgumentRangeError(f"{_said(what, v)} out of range: the input has {len(allowed)} variables ({span_text(allowed)})")
     raise ArgumentRangeError(f"{_said(what, v).removesuffix(' is')} is not recorded: recorded vars are {allowed}.")
 
 # %% ../../nbs/03_core_checks.ipynb #c4ec0018

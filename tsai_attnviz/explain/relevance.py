@@ -29,8 +29,8 @@ from ..core.stream import AttnConsumer, attached
 
 # %% auto #0
 __all__ = ['TASKS', 'RELEVANCE_METHODS', 'METHODS', 'UNITS', 'GRAD_METHODS', 'MODEL_AGNOSTIC', 'N_WINDOWS', 'RelevanceMethod',
-           'register_relevance', 'check_method', 'value_vectors', 'attention_rollout', 'grad_rollout', 'fill_steps',
-           'LayerCall', 'Workspace', 'AttentionMethod', 'AttentionReceived', 'ValueNorm', 'GradAttention',
+           'register_relevance', 'check_relevance_method', 'value_vectors', 'attention_rollout', 'grad_rollout',
+           'fill_steps', 'LayerCall', 'Workspace', 'AttentionMethod', 'AttentionReceived', 'ValueNorm', 'GradAttention',
            'AttentionRollout', 'GradRollout', 'WindowOcclusion', 'CaptumAttribution', 'model_relevance',
            'check_relevance_args', 'plot_relevance']
 
@@ -101,7 +101,7 @@ UNITS = _Described('unit')              # method -> what its numbers are (plot a
 GRAD_METHODS = _Flagged('grad')         # read the gradient of the prediction with respect to the maps
 MODEL_AGNOSTIC = _Flagged('agnostic')   # read no attention: occlusion and Captum's methods
 
-def check_method(method:str):
+def check_relevance_method(method:str):
     "`method` when it is a registered relevance method, else a `ValueError` listing them (the package's one check, `tsai_attnviz.core.checks`)"
     from tsai_attnviz.core.checks import check_method as _check
     return _check(method, RELEVANCE_METHODS)
@@ -504,7 +504,7 @@ def model_relevance(model:nn.Module, # a model with supported attention layers (
     """Relevance of each time step of each item of `x` by `method`, on the model's device; the model is left as it was.
     Occlusion's defaults give about 40 windows of 5% of seq_len at any length (150 steps every 75 at 3000; at seq_len < 80,
     every start), in batches of occluded copies sized by `max_mem` from a trial forward and the family's attention workspace."""
-    m = RELEVANCE_METHODS[check_method(method)]
+    m = RELEVANCE_METHODS[check_relevance_method(method)]
     if task not in TASKS: raise ValueError(f"task={task!r}: use one of {TASKS}.")
     if part not in INPUT_PARTS: raise ValueError(f"part={part!r}: use 'effective' or 'softmax' (the bias part is the same for every input: it explains no item).")
     if not max_mem > 0: raise ValueError(f"max_mem={max_mem!r}: use a positive number of MB.")
@@ -554,7 +554,7 @@ def check_relevance_args(model:nn.Module, # the model to explain
                          n_out:int=None, # regression: the model's number of outputs, when known
                         )->dict: # {'target': the class or output number to explain, or None}
     "Check `relevance`'s method, layer, head and target before any work: what was wrong, what is allowed, what to do"
-    rm = RELEVANCE_METHODS[check_method(method)]
+    rm = RELEVANCE_METHODS[check_relevance_method(method)]
     if rm.agnostic:
         if layer is not None or head is not None:
             raise ValueError(f"method={method!r} is model-agnostic: it takes no layer= or head= (got layer={layer!r}, head={head!r}); "

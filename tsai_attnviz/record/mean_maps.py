@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from ..core.reduce import block_size
 from .recording import bin_labels
-from ..data import _name
+from ..data import class_name
 
 # %% auto #0
 __all__ = ['MeanMaps']
@@ -98,9 +98,9 @@ class MeanMaps:
             return {meta['bin_labels'][int(c)]: (b == c) & ok for c in b[ok].unique()}
         if info['task'] == 'multilabel':
             hot = pred > 0 if yb is None else yb > 0.5                                      # [bs, n_classes]
-            return {_name(info, c): hot[:, c] for c in range(hot.shape[1])}
+            return {class_name(info, c): hot[:, c] for c in range(hot.shape[1])}
         cls = pred.argmax(-1) if yb is None or yb.numel() != len(yb) else yb.reshape(-1).long()
-        return {_name(info, int(c)): cls == c for c in cls.unique()}
+        return {class_name(info, int(c)): cls == c for c in cls.unique()}
 
     def bin_edges(self, learn)->list:
         "Edges of the target bins: given, or quantiles of the training targets written with the fewest digits (at least 4) that keep them apart"

@@ -14,11 +14,11 @@ import matplotlib.pyplot as plt
 from fastcore.basics import patch, listify
 from fastai.learner import Learner
 from ..core.checks import check_head, check_layer, check_idx, check_var, check_choice, check_X
-from ..data import target_info, item_title, decode_target, class_index, has_data, _name
+from ..data import target_info, item_title, decode_target, class_index, has_data, class_name
 from ..record.recorder import AttnRecorder
 from ..arch import model_input_shape
 from ..record.recording import AttnRecording, PARTS
-from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, plot_attention_stats, finish_figure, _steps, _wrap
+from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, plot_attention_stats, finish_figure, tokens_are_steps, wrap_text
 
 # %% auto #0
 __all__ = []
@@ -209,7 +209,7 @@ def _show_relevance(learn, idx, X, method, layer, head, part, path, **kwargs):
         except (IndexError, TypeError, AttributeError): target = None
         target = target.item() if torch.is_tensor(target) and target.numel() == 1 else target
     where = f"idx {listify(idx)[0]}" + (' of X' if X is not None else ' of the validation set')
-    title = _wrap(f"{item_title(info, target, pred)} · {where}" + ('' if part == 'effective' else f' · {part} part'), 90)  # plot_relevance's 10 inches
+    title = wrap_text(f"{item_title(info, target, pred)} · {where}" + ('' if part == 'effective' else f' · {part} part'), 90)  # plot_relevance's 10 inches
     return plot_relevance(x[0], rels, methods=methods, title=title, path=path, **kwargs)
 
 def _reference_maps(learn, rec, recs, relative_to, part, name)->torch.Tensor: # [n, H, l, l]
@@ -222,7 +222,7 @@ def _reference_maps(learn, rec, recs, relative_to, part, name)->torch.Tensor: # 
     for r in recs:
         if kind == 'class':
             c = r['target'] if isinstance(r['target'], int) else int(r['pred'].argmax()) if r['pred'] is not None else None
-            c = None if c is None else _name(_info(learn, src), c)  # class means are keyed by label
+            c = None if c is None else class_name(_info(learn, src), c)  # class means are keyed by label
             if c not in src.aggregates.get('class', {}): raise ValueError(f"No mean map for class {c}: the pass recorded classes {src.group_keys}.")
             m = src.mean_map(c)
         else: m = src.mean_map()
@@ -256,7 +256,7 @@ def _series(rec, r, tokens, head, heads, path, part='effective', query=None, see
         x, names = x[sees], [f'var {v}' for v in sees]
         kwargs['title'] = kwargs.get('title', '') + f" · the layer sees variables {', '.join(map(str, sees))} of {r['input'].shape[0]}"
     key = None if tokens is None else tokens['key']
-    spans = None if _steps(key) else key[1]
+    spans = None if tokens_are_steps(key) else key[1]
     if key is not None and all(s < 0 for s, _ in key[1]):
         raise ValueError(f"The keys of layer {r['layer']} are {key[0]}s, not time steps: view='series' has nothing to draw over "
                          "the input. Draw its heatmap, or the series view of a layer whose keys are time steps (a cross-attention).")

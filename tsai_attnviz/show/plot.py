@@ -18,8 +18,8 @@ from ..arch import spread_to_steps
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 # %% auto #0
-__all__ = ['to_display', 'finish_figure', 'plot_attention_weights', 'plot_head_grid', 'plot_attention_over_series',
-           'plot_attention_stats', 'plot_item_across_folds']
+__all__ = ['to_display', 'wrap_text', 'finish_figure', 'tokens_are_steps', 'plot_attention_weights', 'plot_head_grid',
+           'plot_attention_over_series', 'plot_attention_stats', 'plot_item_across_folds']
 
 # %% ../../nbs/20_show_plot.ipynb #7239e047
 def _t(o): return o.detach().float().cpu() if torch.is_tensor(o) else torch.as_tensor(np.asarray(o), dtype=torch.float32)
@@ -30,7 +30,7 @@ def to_display(m:torch.Tensor, # [..., l, l] map
     "Block-average `m` (as `reduce_map` does) until a side has at most `max_px` cells: each pixel shows the mean of what it covers"
     return reduce_map(_t(m), max(int(max_px), 1))
 
-def _wrap(s:str, width:int)->str:
+def wrap_text(s:str, width:int)->str:
     "`s` with each line longer than `width` characters broken: first at ' · ' (between the parts of a title), then at spaces"
     out = []
     for line in str(s).split('\n'):
@@ -62,13 +62,13 @@ def _sym(m)->float:
     f = _t(m)[torch.isfinite(_t(m))]
     return max(f.abs().max().item(), 1e-12) if len(f) else 1.
 
-def _steps(tok)->bool:
+def tokens_are_steps(tok)->bool:
     "Whether tokens `(kind, spans)` are the input's time steps one to one (or unknown, as before tokens were recorded)"
     return tok is None or (tok[0] == 'time step' and all(b - a == 1 for a, b in tok[1]))
 
 def _token_axis(axis, tok, which:str):
     "Label an axis of a map: time steps, or the model's tokens numbered with the first time step each covers"
-    if _steps(tok): return axis.set_label_text(f'{which} timestep')
+    if tokens_are_steps(tok): return axis.set_label_text(f'{which} timestep')
     kind, spans = tok
     sep = '\n' if which == 'Key' else ' '
     def fmt(v, _):
@@ -120,9 +120,9 @@ def plot_attention_weights(attention_weights, # list (one per layer or forward) 
     need = t.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi + 2.2
     if need > w_in and own:
         w_in = min(need, 12.); fig.set_figwidth(w_in)  # a figure of its own: as wide as its title, up to 12 inches
-    if need > w_in: t.set_text(_wrap(title, _chars(w_in - 2.2, 12)))  # past that: lines broken between the title's parts
+    if need > w_in: t.set_text(wrap_text(title, _chars(w_in - 2.2, 12)))  # past that: lines broken between the title's parts
     _label_map_axes(ax, tokens)
-    fig.colorbar(im, ax=ax, label=_wrap(cbar_label, _chars(h_in - 1.2)))
+    fig.colorbar(im, ax=ax, label=wrap_text(cbar_label, _chars(h_in - 1.2)))
     return finish_figure(fig, path)
 
 def _check_index(name, i, n):
@@ -179,8 +179,8 @@ def plot_head_grid(weights, # [n_rows, n_heads, l, l] or [n_heads, l, l], or a l
             if not shared_scale: fig.colorbar(im, ax=ax, shrink=0.8)
     w_in, h_in = fig.get_size_inches() if fig is fig.figure else (panel_size * m, panel_size * n)
     shrink = 0.8 if n > 2 else 1.  # one or two rows: the whole height, so that its label has room
-    if shared_scale: fig.colorbar(im, ax=axs, shrink=shrink, label=_wrap(cbar_label, _chars(panel_size * n * shrink - 0.3)))
-    if suptitle: fig.suptitle(_wrap(suptitle, _chars(w_in - 0.3, 12)))
+    if shared_scale: fig.colorbar(im, ax=axs, shrink=shrink, label=wrap_text(cbar_label, _chars(panel_size * n * shrink - 0.3)))
+    if suptitle: fig.suptitle(wrap_text(suptitle, _chars(w_in - 0.3, 12)))
     return finish_figure(fig.figure, path)  # a SubFigure's figure is the whole figure; a Figure's is itself
 
 # %% ../../nbs/20_show_plot.ipynb #6e45de8e
@@ -222,10 +222,10 @@ def plot_attention_over_series(x, # [c_in, L] the input as the model saw it
     im = ax.imshow(band.numpy(), extent=(-0.5, n * k - 0.5, lo, hi), aspect='auto', cmap='Reds', alpha=0.45, vmin=c0, vmax=c1,
                    interpolation='nearest', zorder=0)
     ax.set_ylim(lo, hi); ax.set_xlim(-0.5, L - 0.5)
-    fig.colorbar(im, ax=ax if ax2 is None else [ax, ax2], label=_wrap(f'{quantity} (shading)', _chars(figsize[1] * 0.7)), pad=0.01)  # both: same widths
+    fig.colorbar(im, ax=ax if ax2 is None else [ax, ax2], label=wrap_text(f'{quantity} (shading)', _chars(figsize[1] * 0.7)), pad=0.01)  # both: same widths
     # the legends sit right of the axes: over the data they would hide the peaks they name
     ax.set_ylabel('value'); ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize='small', borderaxespad=0)
-    ax.set_title(_wrap(title or f'{quantity[0].upper() + quantity[1:]} per time step ({what})', _chars(fig.get_size_inches()[0] - 2.5, 12)))
+    ax.set_title(wrap_text(title or f'{quantity[0].upper() + quantity[1:]} per time step ({what})', _chars(fig.get_size_inches()[0] - 2.5, 12)))
     if ax2 is not None:
         base = 0. if c0 >= 0 else c0  # from zero when every value allows; eRPE's bias can make some negative
         ax2.fill_between(t, np.nan_to_num(curve.numpy(), nan=base), base, color='tab:red', alpha=0.6, step='mid')
@@ -235,7 +235,7 @@ def plot_attention_over_series(x, # [c_in, L] the input as the model saw it
         top = max(c1, 0 if flat is None else flat.max().item())
         ax2.set_ylim(base, top + 0.08 * (top - base or 1))
         what0 = '(from 0)' if base == 0 else f'(from the minimum, {base:.3g}: values below 0 come from the bias)'
-        ax2.set_ylabel(_wrap(f'{quantity}\n{what0}', _chars(figsize[1] * 1.5 / 4.5 - 0.1, 8.3)), fontsize='small')  # as long as its axes are high
+        ax2.set_ylabel(wrap_text(f'{quantity}\n{what0}', _chars(figsize[1] * 1.5 / 4.5 - 0.1, 8.3)), fontsize='small')  # as long as its axes are high
         ax2.set_xlabel('Time step'); ax2.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize='x-small', borderaxespad=0)
     return finish_figure(fig, path)
 

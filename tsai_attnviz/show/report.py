@@ -73,7 +73,7 @@ def _map_px(n): # pixels a side of the enlarged map for n cells a side
     "440, or one pixel per cell up to 720 so that the pointer can reach every cell"
     return 440 if n <= 440 else min(n, 720)
 
-def _name(classes, c):
+def _class_label(classes, c):
     "Class number `c` as `classes` (a list such as `dls.vocab`, a dict, or None) names it"
     if c is None: return '?'
     try: return str(classes[int(c)]) if classes is not None else str(c)
@@ -87,8 +87,8 @@ def record_title(r:dict, # a record of an `AttnRecording`
     if v is not None:  # channel-independent: this variable's values of a forecast, as the figures' titles
         pick = lambda a: a[v] if torch.is_tensor(a) and a.ndim >= 2 and a.shape[0] > v else a
         p, t = pick(p), pick(t)
-    pred = '?' if p is None else _name(classes, p.argmax().item()) if p.numel() > 1 else f"{p.item():.4g}"
-    true = f"{t:.4g}" if isinstance(t, float) else _name(classes, t)
+    pred = '?' if p is None else _class_label(classes, p.argmax().item()) if p.numel() > 1 else f"{p.item():.4g}"
+    true = f"{t:.4g}" if isinstance(t, float) else _class_label(classes, t)
     return f"True: {true} · Pred: {pred}"
 
 def _widths(n, L, k):
