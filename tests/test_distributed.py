@@ -40,7 +40,7 @@ class _CPUDistributedDL(DistributedDL):
 class _Sharded(Callback):
     "What fastai's DistributedTrainer does, without CUDA or accelerate: the model in DDP, the loaders sharded each pass"
     order = 11
-    def wrap_text(self, dl): return dl if isinstance(dl, DistributedDL) else _CPUDistributedDL(dl)
+    def _wrap(self, dl): return dl if isinstance(dl, DistributedDL) else _CPUDistributedDL(dl)
     def before_fit(self):
         self.learn.model, self.old = DistributedDataParallel(self.learn.model), list(self.dls)
         self.learn.dls.loaders = [self._wrap(dl) for dl in self.dls]
