@@ -290,7 +290,7 @@ def _show_recording(a, report_only:bool=False):
     if bad := [i for i in idxs if i not in set(have)]:  # a recording of a whole dataset: its indices said short
         s = sorted(have)
         raise CLIError(f"--idxs {bad}: not in {a.learner}, which holds {len(s)} items: dataset indices "
-                       f"{span_text(s) if len(s) <= 20 or s == list(range(s[0], s[0] + len(s))) else f'{s[:10]} ... {s[-1]}'}")
+                       f"{span_text(s, most=20)}")
     try:
         check_idx(idxs, what='--idxs')
         if not report_only: check_head(a.head, rec.heads_of(rec.layers[0]), what='--head', none_ok=False)

@@ -30,10 +30,13 @@ def _as_int(v)->int|None:
     try: return operator.index(v)
     except TypeError: return None
 
-def span_text(allowed)->str: # '0..7' for 0, 1, ..., 7; '[2, 5]' otherwise
+def span_text(allowed, # whole numbers, in order
+              most:int=None, # past this many (and not a run), the first ten and the last; None: all of them
+             )->str: # '0..7' for 0, 1, ..., 7; '[2, 5]' otherwise; '[0, 2, 4, ...] ... 3998' past `most`
     "The allowed whole numbers, short"
     a = list(allowed)
-    return f"{a[0]}..{a[-1]}" if len(a) > 2 and a == list(range(a[0], a[0] + len(a))) else str(a)
+    if len(a) > 2 and a == list(range(a[0], a[0] + len(a))): return f"{a[0]}..{a[-1]}"
+    return f"{a[:10]} ... {a[-1]}" if most is not None and len(a) > most else str(a)
 
 # %% ../../nbs/03_core_checks.ipynb #c4ec0009
 def check_head(head, # the head asked for; None: every head
@@ -103,8 +106,9 @@ def check_idx(idx, # a dataset index, or a list of them; None: the default
         items = 'samples' if what.startswith('--') else 'items'
         raise ArgumentRangeError(f"{_said(what, shown)} out of range: {of} has {n} {items} (0..{n - 1})")
     if have is not None and (bad := [i for i in ints if i not in set(have)]):
+        s = sorted(have)  # a recording of a whole dataset: said short
         raise ArgumentRangeError(f"{_said(what, bad if seq else bad[0]).removesuffix(' is')} is not recorded: recorded dataset indices are "
-                                 f"{sorted(have)}.{' ' + hint if hint else ''}")
+                                 f"{s if len(s) <= 20 else span_text(s, most=20)}.{' ' + hint if hint else ''}")
     return ints if seq else ints[0]
 
 # %% ../../nbs/03_core_checks.ipynb #c4ec0016

@@ -25,7 +25,7 @@ from .sink import MemorySink, DiskSink
 from .mean_maps import MeanMaps
 from .probe import Probe
 from .trackers import ProbeLog
-from .distributed import batch_items, drop_padding, check_shard, gather_recording, all_seen, is_main_rank, unwrap_model
+from .distributed import batch_items, drop_padding, check_shard, all_seen, is_main_rank, unwrap_model
 import tsai_attnviz.record.export  # noqa: F401 (learn.export() holds no recorder)
 
 # %% auto #0
