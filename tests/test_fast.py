@@ -137,6 +137,28 @@ def test_fast_recordings_at_moderate_length(rel):
     assert full[1].weights.shape == (1, 8, L, L)
     assert rel_err(full[1].weights, full[0].weights) <= 1e-6
 
+def test_bias_rows_built_only_while_a_consumer_reads_them(monkeypatch):
+    "The fused eRPE layer builds its bias rows only when read: a recorder reads them in the first forward (then reuses its reduction), unless statistics need them"
+    built = []
+    rows = Attention_Rel_Scl_Fast._bias_rows
+    def counted(self, q0, q1):
+        f = rows(self, q0, q1)
+        return lambda: built.append(q0) or f()
+    monkeypatch.setattr(Attention_Rel_Scl_Fast, '_bias_rows', counted)
+    L = 200
+    stock, fast = stock_and_fast('eRPE', c_in=3, L=L)
+    fast.backbone.attention_layer.chunk = 64  # 4 chunks a forward
+    kw = dict(batches=None, max_len=50, aggregate='class')
+    got = _record(pig_learner(fast, L), fast, **kw)  # two batches of 3
+    test = [0, 64, 128, 192]
+    assert built == test, built  # the first forward's chunks only
+    ref = _record(pig_learner(stock, L), stock, **kw)  # what is recorded is the exact layers'
+    for k in ('weights', 'softmax', 'key_attn', 'entropy'): assert rel_err(got._stack(k), ref._stack(k)) <= 1e-6, k
+    for c in ref.aggregates['class']: assert rel_err(got.mean_map(c), ref.mean_map(c)) <= 1e-6
+    built.clear()
+    _record(pig_learner(fast, L), fast, stats=True, **kw)
+    assert built == test * 2, built  # statistics hold the bias: every forward reads it
+
 # -- memory ---------------------------------------------------------------------------------------------------------
 class MapSized(TorchDispatchMode):
     "The most elements held by any map-shaped tensor an op produces (last dim seq_len, more rows than a head has channels)"

@@ -95,11 +95,11 @@ class _Fused(AttnPublisher):
         "Query rows per chunk of scores for n samples"
         return self.chunk or max(1, CHUNK // (n * self.n_heads * L))
 
-    def _scores(self, q, k, q0, q1): # [n, H, q1-q0, L]
-        "Scaled scores of query rows q0..q1-1, as the exact layer computes them"
-        return torch.matmul(q[:, :, q0:q1], k.transpose(-1, -2)).mul_(self.scale)
+    def _scores(self, q, kt, q0, q1): # [n, H, q1-q0, L]
+        "Scaled scores of query rows q0..q1-1 from q [n, H, L, d_head] and kᵀ [n, H, d_head, L], as the exact layer computes them"
+        return torch.matmul(q[:, :, q0:q1], kt).mul_(self.scale)
 
-    def _bias_rows(self, q0, q1): return None  # [H, q1-q0, L] rows of a bias added after the softmax
+    def _bias_rows(self, q0, q1): return None  # a function of no arguments that builds rows q0..q1-1 [H, q1-q0, L] of the bias
 
     def _record(self, q, k):
         "Publish the maps of the samples the consumers want, all of them a chunk of query rows at a time (about CHUNK elements)"
@@ -110,9 +110,12 @@ class _Fused(AttnPublisher):
         with torch.no_grad():
             # one chunk of rows for every wanted sample at once: the bias rows are built once a chunk, not once a sample
             qw, kw = (t.detach() if len(want) == bs else t.detach()[want] for t in (q, k))     # [n, H, L, d_head]
+            # kᵀ laid out once as the product wants it (matmul would copy it at every chunk): the same layout, the same sums
+            kt = kw.transpose(-1, -2).contiguous()                                               # [n, H, d_head, L]
             for q0 in range(0, L, c):
                 q1 = min(q0 + c, L)
-                logits = self._scores(qw, kw, q0, q1)                                         # [n, H, c, L]
+                logits = self._scores(qw, kt, q0, q1)                                         # [n, H, c, L]
+                # the bias rows as a function: built only when a consumer reads them (`AttnChunk.bias`)
                 self._publish(F.softmax(logits, dim=-1), self._bias_rows(q0, q1), logits, want, q0, L, masked=False)
 
     def _out(self, out): # [bs, H, L, d_head]
@@ -143,24 +146,26 @@ class Attention_Rel_Scl_Fast(_Fused, Attention_Rel_Scl):
         # (softmax(q·kᵀ·scale) + bias)·v = softmax(q·kᵀ·scale)·v + bias·v
         return self._out(softmax_mix(q, k, v, self.scale)[..., :dh] + relative_bias_mix(self.relative_bias_table, v[..., :dh]))
 
-    def _bias_rows(self, q0, q1): # [H, q1-q0, L]
-        "Rows q0..q1-1 of eRPE's bias, `bias[h, i, j] = relative_bias_table[i - j + L - 1, h]`"
-        L = self.seq_len
-        # row i is table[i + L - 1], table[i + L - 2], ..., table[i]: windows of the table, read backwards
-        t = self.relative_bias_table.detach()[q0:q1 + L - 1].t()                       # [H, q1-q0+L-1]
-        return t.unfold(-1, L, 1).flip(-1)                                             # [h, i-q0, j] = table[i - j + L - 1, h]
+    def _bias_rows(self, q0, q1):
+        "A function that builds rows q0..q1-1 [H, q1-q0, L] of eRPE's bias, `bias[h, i, j] = relative_bias_table[i - j + L - 1, h]`"
+        def rows():
+            L = self.seq_len
+            # row i is table[i + L - 1], table[i + L - 2], ..., table[i]: windows of the table, read backwards
+            t = self.relative_bias_table.detach()[q0:q1 + L - 1].t()                   # [H, q1-q0+L-1]
+            return t.unfold(-1, L, 1).flip(-1)                                         # [h, i-q0, j] = table[i - j + L - 1, h]
+        return rows
 
 class Attention_Rel_Vec_Fast(_Fused, Attention_Rel_Vec):
     "tsai's vector `Attention_Rel_Vec` in chunks of query rows: no [bs, H, L, L] map, and with gradients each chunk is recomputed"
-    def _scores(self, q, k, q0, q1): # [n, H, q1-q0, L]
-        "Scaled scores of query rows q0..q1-1 with stock's relative term `skew(q·Erᵀ)`, from rows q0..q1 of q·Erᵀ"
+    def _scores(self, q, kt, q0, q1): # [n, H, q1-q0, L]
+        "Scaled scores of query rows q0..q1-1 (q [n, H, L, d_head], kᵀ [n, H, d_head, L]) with stock's relative term `skew(q·Erᵀ)`, from rows q0..q1 of q·Erᵀ"
         n, H, L, _ = q.shape
         qer = torch.matmul(q[:, :, q0:min(q1 + 1, L)], self.Er.transpose(0, 1))          # [n, H, ≤ q1-q0+1, L]
         # stock pads q·Erᵀ with a zero column, reads it flat as [L+1, L] and drops the first row: row i is flat[(i+1)L:(i+2)L]
         srel = F.pad(qer, (1, 0)).flatten(-2)[..., L - q0:L - q0 + (q1 - q0) * L].reshape(n, H, q1 - q0, L)
-        return torch.matmul(q[:, :, q0:q1], k.transpose(-1, -2)).add_(srel).mul_(self.scale)
+        return torch.matmul(q[:, :, q0:q1], kt).add_(srel).mul_(self.scale)
 
-    def _mix(self, q, k, v, q0, q1): return torch.matmul(F.softmax(self._scores(q, k, q0, q1), dim=-1), v)
+    def _mix(self, q, kt, v, q0, q1): return torch.matmul(F.softmax(self._scores(q, kt, q0, q1), dim=-1), v)
 
     def forward(self, x): # [bs, seq_len, d_model]
         q, k, v = self._qkv(x)
@@ -170,7 +175,8 @@ class Attention_Rel_Vec_Fast(_Fused, Attention_Rel_Vec):
         grad = torch.is_grad_enabled() and (q.requires_grad or self.Er.requires_grad)
         # with gradients, each chunk's scores are recomputed in the backward pass instead of kept
         mix = (lambda *a: checkpoint(self._mix, *a, use_reentrant=False, preserve_rng_state=False)) if grad else self._mix
-        return self._out(torch.cat([mix(q, k, v, q0, min(q0 + c, L)) for q0 in range(0, L, c)], -2))
+        kt = k.transpose(-1, -2)                                                        # [bs, H, d_head, L]
+        return self._out(torch.cat([mix(q, kt, v, q0, min(q0 + c, L)) for q0 in range(0, L, c)], -2))
 
 # %% ../../nbs/18_arch_convtranplus_fast.ipynb #fa57000c
 _FAST.update({Attention: Attention_Fast, Attention_Rel_Scl: Attention_Rel_Scl_Fast, Attention_Rel_Vec: Attention_Rel_Vec_Fast})

@@ -69,6 +69,8 @@ class MapReducer:
 
     @property
     def done(self)->bool: return self.seen == self.Lq  # every row has been fed
+    @property
+    def needs_bias(self)->bool: return self.full or self.stats  # `add` reads the bias rows: the full map and the statistics hold them
 
     def add(self,
         m:torch.Tensor, # [H, c, L], rows q0..q0+c-1 of the map (the softmax part)
@@ -106,11 +108,15 @@ class MapReducer:
         # dim), in float32 or float64 whatever autocast would choose
         with torch.autocast(m.device.type, enabled=False):
             mf = m if m.dtype in (torch.float32, torch.float64) else m.float()
-            a['key'] += torch.matmul(mf.new_ones(1, c), mf)[:, 0]                              # [H, L]: sums over queries
-            if k > 1:
-                mk = mf if n * k == L else F.pad(mf, (0, n * k - L))                           # [H, c, n·k]
-                cols = (mk.reshape(-1, k) @ mf.new_ones(k)).reshape(H, c, n)                  # [H, c, n]: sums over key blocks
-                a['blocks'].index_add_(1, torch.arange(q0, q0 + c, device=m.device) // k, cols.double())
+            if k == 1: a['key'] += torch.matmul(mf.new_ones(1, c), mf)[:, 0]                   # [H, L]: sums over queries
+            else:
+                # one pass over the chunk: the sums of the rows of each query block it touches, then key and block sums of those
+                b0, nb = q0 // k, (q0 + c - 1) // k - q0 // k + 1
+                seg = torch.arange(q0, q0 + c, device=m.device) // k - b0 == torch.arange(nb, device=m.device)[:, None]  # [nb, c]
+                bsum = torch.matmul(seg.to(mf.dtype), mf)                                     # [H, nb, L]
+                a['key'] += bsum.sum(1)                                                       # [H, L]: sums over queries
+                rk = bsum if n * k == L else F.pad(bsum, (0, n * k - L))                       # [H, nb, n·k]
+                a['blocks'][:, b0:b0 + nb] += rk.reshape(H, nb, n, k).sum(-1)                  # [H, nb, n]: sums over key blocks
         if self.full: a['full'][:, rows] = w
         if 'full_sm' in a: a['full_sm'][:, rows] = m
         if ent is not None: a['ent'][:, rows] = ent

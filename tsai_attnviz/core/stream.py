@@ -8,26 +8,40 @@ subscribes consumers, unsubscribes them and gives the stock classes back, howeve
 
 # %% ../../nbs/00_core_stream.ipynb #st000004
 from __future__ import annotations
-from dataclasses import dataclass
+import functools
 import torch
+from fastcore.basics import store_attr
 import torch.nn as nn
 
 # %% auto #0
 __all__ = ['STREAM_STATE', 'AttnChunk', 'AttnConsumer', 'AttnPublisher', 'Attachment', 'attached']
 
 # %% ../../nbs/00_core_stream.ipynb #st000007
-@dataclass
 class AttnChunk:
     "Rows of the maps that one call of an attention layer computed, for the batch rows a consumer wanted"
-    layer:nn.Module # the layer that computed them (a twin or fused class)
-    name:str # its name in the model given to `attached` ('' when the model is the layer)
-    positions:list # batch rows: row i of `softmax` is the map of batch row `positions[i]`
-    q0:int # first query row held
-    n_q:int # query rows of the whole map: a batch row's map is complete once rows 0..n_q-1 have come
-    softmax:torch.Tensor # [n, H, q1-q0, Lk], the matrix that multiplied the values, before any bias (after attention dropout where the layer applies it)
-    bias:torch.Tensor|None=None # [H, q1-q0, Lk], an input-independent bias added after the softmax (eRPE), or None
-    logits:torch.Tensor|None=None # [n, H, q1-q0, Lk], the scaled scores `softmax` is the softmax of; None when dropout changed it
-    masked:bool=True # keys may be masked (scores -inf, weights 0); False: the layer masks none
+    def __init__(self,
+        layer:nn.Module, # the layer that computed them (a twin or fused class)
+        name:str, # its name in the model given to `attached` ('' when the model is the layer)
+        positions:list, # batch rows: row i of `softmax` is the map of batch row `positions[i]`
+        q0:int, # first query row held
+        n_q:int, # query rows of the whole map: a batch row's map is complete once rows 0..n_q-1 have come
+        softmax:torch.Tensor, # [n, H, q1-q0, Lk], the matrix that multiplied the values, before any bias (after attention dropout where the layer applies it)
+        bias=None, # [H, q1-q0, Lk], an input-independent bias added after the softmax (eRPE), or a function of no arguments that builds it; None: no bias
+        logits:torch.Tensor|None=None, # [n, H, q1-q0, Lk], the scaled scores `softmax` is the softmax of; None when dropout changed it
+        masked:bool=True, # keys may be masked (scores -inf, weights 0); False: the layer masks none
+    ):
+        # a bias given as a function is built when a consumer first reads `bias`: one that reduced it earlier never pays for it
+        store_attr('layer,name,positions,q0,n_q,softmax,logits,masked'); self._bias = bias
+
+    @property
+    def has_bias(self)->bool: return self._bias is not None  # a bias is added after the softmax (without building its rows)
+    @property
+    def bias(self)->torch.Tensor|None: # [H, q1-q0, Lk] or None
+        if callable(self._bias): self._bias = self._bias()
+        return self._bias
+    def __repr__(self):
+        return (f"AttnChunk({self.name!r}, positions={self.positions}, rows {self.q0}..{self.q1 - 1} of {self.n_q}, "
+                f"softmax {list(self.softmax.shape)}{', biased' if self.has_bias else ''})")
 
     @property
     def q1(self)->int: return self.q0 + self.softmax.shape[-2]  # one past the last query row held
@@ -76,7 +90,7 @@ class AttnPublisher:
 
     def _publish(self,
         softmax:torch.Tensor, # [n, H, c, Lk], rows q0..q0+c-1 of the maps of batch rows `positions`
-        bias:torch.Tensor=None, # [H, c, Lk], an input-independent bias added after the softmax
+        bias=None, # [H, c, Lk], an input-independent bias added after the softmax, or a function of no arguments that builds it
         logits:torch.Tensor=None, # [n, H, c, Lk], the scores `softmax` is the softmax of (None: dropout changed it)
         positions=None, # the batch rows of `softmax` (default: 0..n-1)
         q0:int=0, # first query row
@@ -86,6 +100,7 @@ class AttnPublisher:
         "Hand each consumer the rows it wanted: the tensors as they are when it wants all, else views of runs of rows"
         pos = list(range(len(softmax))) if positions is None else [int(p) for p in positions]
         n_q = q0 + softmax.shape[-2] if n_q is None else n_q
+        if callable(bias): bias = functools.cache(bias)  # built once for all consumers, by the first that reads it
         for c, n, rows in self._call:
             want = set(rows)
             idx = [i for i, p in enumerate(pos) if p in want]

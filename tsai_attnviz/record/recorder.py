@@ -327,7 +327,7 @@ class AttnRecorder(AttnConsumer, Callback):
 
     def receive(self, chunk:AttnChunk):
         "Reduce what is selected of a chunk: query rows q0.. of the maps of batch rows `chunk.positions` (see `AttnChunk`)"
-        layer, softmax, bias, logits, q0 = chunk.layer, chunk.softmax, chunk.bias, chunk.logits, chunk.q0  # [n, H, c, Lk]; bias [H, c, Lk]
+        layer, softmax, logits, q0, biased = chunk.layer, chunk.softmax, chunk.logits, chunk.q0, chunk.has_bias  # [n, H, c, Lk]
         f, agg = self._fwd, self._aggregating(layer)
         nv = self._nv.get(id(layer), 1)  # channel-independent models: batch row r is item r // nv, variable r % nv
         items = dict(f.want)
@@ -341,13 +341,13 @@ class AttnRecorder(AttnConsumer, Callback):
         self._tokens(name, layer, Lq, L)
         hs = slice(None) if self.heads is None else self.heads
         with torch.no_grad():
-            b = None if bias is None else bias.detach()[hs]                                  # [H, c, L]
-            if b is not None:  # the bias is the same for every sample of a forward: reduce it once, as its rows first come
+            b = lambda: chunk.bias.detach()[hs]  # [H, c, L]: the bias rows are built only where read (`AttnChunk.bias`)
+            if biased:  # the bias is the same for every sample of a forward: reduce it once, as its rows first come
                 if fwd['bias'] is None: fwd['bias'] = self._bias_reducer(layer, L, k, Lq)
-                if fwd['bias'].seen == q0: fwd['bias'].add(b, q0)
+                if fwd['bias'].seen == q0: fwd['bias'].add(b(), q0)
             for i, p in enumerate(chunk.positions):
                 if q0 == 0:  # a new row of the batch: reduce it when it is recorded (and fits the budget) or aggregated
-                    rec = p in want and self.budget.fits(self.budget.record_size(softmax.shape[1], Lq, L, k, b is not None),
+                    rec = p in want and self.budget.fits(self.budget.record_size(softmax.shape[1], Lq, L, k, biased),
                                                          len(self.sink) + len(f.pending))
                     if p in want and not rec: f.want = []  # past the budget: nothing more this pass
                     if rec or agg:
@@ -355,12 +355,12 @@ class AttnRecorder(AttnConsumer, Callback):
                 if p not in fwd['open']: continue
                 red, rec, didx = fwd['open'][p]
                 lg = logits[i, hs].detach() if rec and logits is not None else None
-                red.add(softmax[i, hs].detach(), q0, lg, b, chunk.masked)                                # [H, c, L]
+                red.add(softmax[i, hs].detach(), q0, lg, b() if biased and red.needs_bias else None, chunk.masked)  # [H, c, L]
                 if not red.done: continue
                 del fwd['open'][p]
                 out = red.result(fwd['bias'])  # full map (k=1) or block means, key means: of the softmax plus the bias
                 epoch, split = f.cur['epoch'], f.cur['split']
-                if b is not None and self.sink.wants_bias(name, epoch, latest=split == 'train'):
+                if biased and self.sink.wants_bias(name, epoch, latest=split == 'train'):
                     bo = fwd['bias'].result()  # the layer's bias once a pass and epoch (training changes it: the latest is kept)
                     self.sink.add_bias(name, epoch, dict(weights=to_host(bo['weights'].float()), key_attn=to_host(bo['key_attn'].float())))
                 if rec:
@@ -370,7 +370,7 @@ class AttnRecorder(AttnConsumer, Callback):
                              var=p % nv if nv > 1 else None, call=f.calls.get(id(layer), 0),
                              tag=self.tag, forward=f.count, **f.cur)
                     if self.stats: r['stats'] = to_host(out['stats'])                                # [H, 7]
-                    if b is not None: r['softmax'] = to_host(out['softmax'].to(self.dtype))          # softmax + bias == weights
+                    if biased: r['softmax'] = to_host(out['softmax'].to(self.dtype))          # softmax + bias == weights
                     if softmax.is_cuda: self._on_gpu = softmax.device
                     f.pending.append(r)
                 if agg: f.maps.append(out['weights'][None])                                      # [1, H, l, l]
