@@ -197,6 +197,16 @@ def test_memory_budget_warns_once_and_keeps(learn):
     n = len(rec.recording)
     assert 0 < n < 40 and rec.recording.weights.numel() * 4 <= 2**20
 
+def test_memory_budget_counts_the_heads_kept(learn):
+    "heads=[0] records keep one head of eight: the budget counts that, so what one head's records take fits where eight heads' would not"
+    per = (2 * 100 * 100 + 2 * 100) * 4  # one head: a full map and its softmax part (eRPE), key attention and entropy, float32 (BasicMotions: 40 validation items)
+    rec = AttnRecorder(batches=None, heads=[0], max_mem=50 * per / 2**20, max_len=None)  # 50 such records: room for all 40, not for 8 heads'
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        learn.get_preds(cbs=[rec])
+    assert not [w for w in ws if 'stopped storing' in str(w.message)]
+    assert len(rec.recording) == 40 and rec.recording.weights.shape == (40, 1, 100, 100)
+
 # -- plain PyTorch models, several layers, errors during fit ---------------------------------
 class TwoTowers(torch.nn.Module):
     "A plain PyTorch model with two ConvTranPlus attention layers (found by type, not by path)"

@@ -60,17 +60,17 @@ def check_input(x:torch.Tensor, # the batch about to be fed to the model
 # %% ../../nbs/01_core_layers.ipynb #0deda581
 STAT_NAMES = ('min', 'max', 'mean', 'rowsum_min', 'rowsum_max', 'entropy', 'mean_distance')
 
-def head_stats(w:torch.Tensor, # [H, Lq, Lk], the effective matrix of one sample
-               sm:torch.Tensor=None, # [H, Lq, Lk], its softmax part (defaults to `w`)
-               entropy:torch.Tensor=None, # [H, Lq], each query's entropy, when already known
-              )->torch.Tensor: # [H, 7], columns as in `STAT_NAMES`
+def head_stats(w:torch.Tensor, # [..., H, Lq, Lk], the effective matrix of one sample (or of several: leading dims)
+               sm:torch.Tensor=None, # [..., H, Lq, Lk], its softmax part (defaults to `w`)
+               entropy:torch.Tensor=None, # [..., H, Lq], each query's entropy, when already known
+              )->torch.Tensor: # [..., H, 7], columns as in `STAT_NAMES`
     "Per head: min, max, mean, row-sum range, mean softmax entropy, mean attention distance (time steps)"
     p = w if sm is None else sm
     Lq, Lk = w.shape[-2:]
     rs = w.sum(-1)                                                                   # [H, Lq]
     if entropy is None: entropy = -torch.special.xlogy(p, p).sum(-1)                 # [H, Lq]
-    dist = (torch.arange(Lq)[:, None] - torch.arange(Lk)[None]).abs().to(p)          # [Lq, Lk]
-    md = torch.einsum('hqk,qk->hq', p, dist)                                         # how far each query looks
+    dist = (torch.arange(Lq, device=p.device)[:, None] - torch.arange(Lk, device=p.device)[None]).abs().to(p)  # [Lq, Lk]
+    md = torch.einsum('...qk,qk->...q', p, dist)                                     # how far each query looks
     return torch.stack([w.amin((-2, -1)), w.amax((-2, -1)), w.mean((-2, -1)), rs.amin(-1), rs.amax(-1),
                         entropy.mean(-1), md.mean(-1)], -1).float()
 

@@ -69,7 +69,7 @@ class MeanMaps:
         red = torch.cat(maps).double()                                                       # [bs·nv, H, l, l]
         n = len(pred if yb is None else yb) if (pred is not None or yb is not None) else len(red)
         if len(red) != n and len(red) % n == 0: red = red.reshape(n, -1, *red.shape[1:]).mean(1)  # an item's variables: their mean
-        ok = torch.isfinite(red).flatten(1).all(1)
+        ok = torch.isfinite(red.flatten(1).sum(1))  # NaN and ±inf carry into a float64 sum; finite maps can't overflow it
         red, ok = red[ok], ok.cpu()
         yb = None if yb is None else yb.cpu()[ok]
         pred = None if pred is None else pred.float().cpu()[ok]

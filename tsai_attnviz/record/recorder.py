@@ -340,6 +340,7 @@ class AttnRecorder(AttnConsumer, Callback):
         name = chunk.name
         self._tokens(name, layer, Lq, L)
         hs = slice(None) if self.heads is None else self.heads
+        n_heads = softmax.shape[1] if self.heads is None else len(self.heads)  # the heads a record keeps: what the budget counts
         with torch.no_grad():
             b = lambda: chunk.bias.detach()[hs]  # [H, c, L]: the bias rows are built only where read (`AttnChunk.bias`)
             if biased:  # the bias is the same for every sample of a forward: reduce it once, as its rows first come
@@ -347,7 +348,7 @@ class AttnRecorder(AttnConsumer, Callback):
                 if fwd['bias'].seen == q0: fwd['bias'].add(b(), q0)
             for i, p in enumerate(chunk.positions):
                 if q0 == 0:  # a new row of the batch: reduce it when it is recorded (and fits the budget) or aggregated
-                    rec = p in want and self.budget.fits(self.budget.record_size(softmax.shape[1], Lq, L, k, biased),
+                    rec = p in want and self.budget.fits(self.budget.record_size(n_heads, Lq, L, k, biased),
                                                          len(self.sink) + len(f.pending))
                     if p in want and not rec: f.want = []  # past the budget: nothing more this pass
                     if rec or agg:
