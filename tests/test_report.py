@@ -501,7 +501,7 @@ def test_report_of_each_token_kind(browser, kind_report):
 def test_patchtst_variables(browser, kind_report):
     "PatchTST: a map per variable; #var picks it; the series and the title are the variable's, as the PNGs title it"
     kind, r, rec, learn = kind_report
-    from tsai_attnviz.show.learner import _titles, _info
+    from tsai_attnviz.show.source import item_titles, recording_info
     name = rec.layers[0]
     pg = Page(browser, r.path)
     assert pg.page.is_visible('#var-box')
@@ -512,7 +512,7 @@ def test_patchtst_variables(browser, kind_report):
     assert pg.page.eval_on_selector_all('#grid canvas', 'cs => cs.map(c => c.dataset.var)') == ['2', '2']
     r2 = rec.filter(layer=name, var=2).records[0]
     t = pg.page.text_content('#detail-title')
-    assert t.startswith(_titles(_info(learn, rec), r2)[1]) and '… 20 values]' in t and '120 values' not in t
+    assert t.startswith(item_titles(recording_info(learn, rec), r2)[1]) and '… 20 values]' in t and '120 values' not in t
     assert 'var 2' in t
     legend = pg.page.text_content('#series-legend')
     assert legend.count('━') == 1 and '━ var 2' in legend                          # the variable's series alone

@@ -31,6 +31,7 @@ Modules:
 - `tsai_attnviz.record.sink`: `MemorySink` holds a recorder's records in memory as an `AttnRecording`; `DiskSink` streams them to a recording on disk as they are made.
 - `tsai_attnviz.record.trackers`: Where fastai users watch training: `AttnRecorder(every_epoch=True)` logs the probe's head grid and per-head statistics each epoch to TensorBoard or Weights & Biases.
 - `tsai_attnviz.show.learner`: `Learner.show_attention()`: attention maps of a tsai Learner, from what an `AttnRecorder` holds or recorded on the spot.
-- `tsai_attnviz.show.plot`: Attention heatmaps, head grids and the over-the-series view, from plain tensors: no Learner needed."""
+- `tsai_attnviz.show.plot`: Attention heatmaps, head grids and the over-the-series view, from plain tensors: no Learner needed.
+- `tsai_attnviz.show.source`: The recording a view draws (the last `AttnRecorder` added, or `recorder=`), what its targets are, and how figures name a record: shared by the Learner's views and the report, with or without a Learner."""
 
 __version__ = "0.1.0"

@@ -138,7 +138,7 @@ def write_figures(learn, out:Path, idxs:list, head:int=0, X=None, y=None, max_le
     files['recording'] = rec.recording.save(out/'recording.npz')
     return files
 
-def draw_figures(learn, # the Learner the recording was made with, or `_no_learner()` for a recording on disk alone
+def draw_figures(learn, # the Learner the recording was made with, or None for a recording on disk alone
                  rec, # an `AttnRecording` (in memory, or opened from disk)
                  out:Path, idxs:list, head:int=0,
                  html:bool=True, # also write the interactive report, attention_report.html
@@ -147,40 +147,28 @@ def draw_figures(learn, # the Learner the recording was made with, or `_no_learn
     "Write the head grid, the over-the-series views, the seed heatmap and the mean maps (those recorded) of the recorded items `idxs`"
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    import tsai_attnviz.show.learner  # noqa: F401 (patches Learner.show_attention)
+    import tsai_attnviz.show.learner, tsai_attnviz.show.report  # noqa: F401 (the views: the Learner's and the recording's)
     out.mkdir(parents=True, exist_ok=True)
+    views, src = (rec, {}) if learn is None else (learn, dict(recorder=rec))  # a recording draws itself as its Learner draws it
     agg = next((k for k in ('class', 'bins', 'mean') if k in rec.aggregates), None)  # the mean maps the pass kept
     sfx = '' if part == 'effective' else f'_{part}'
     files = {'grid': out/f'attention_grid{sfx}.png', 'heatmap': out/f'attention_head{head}{sfx}.png'}
-    learn.show_attention(idx=idxs, path=files['grid'], part=part, recorder=rec)
-    learn.show_attention(head=head, idx=idxs[0], path=files['heatmap'], part=part, recorder=rec)
+    views.show_attention(idx=idxs, path=files['grid'], part=part, **src)
+    views.show_attention(head=head, idx=idxs[0], path=files['heatmap'], part=part, **src)
     if agg is not None:
         files['means'] = out/f'attention_{agg}{sfx}.png'
-        learn.show_attention(aggregate=agg, path=files['means'], part=part, recorder=rec)
+        views.show_attention(aggregate=agg, path=files['means'], part=part, **src)
     if rec.biases and part == 'effective':  # eRPE: the bias can dominate the maps; show what the input changed, and the bias
         files['grid, softmax part'] = out/'attention_grid_softmax.png'
-        learn.show_attention(idx=idxs, path=files['grid, softmax part'], part='softmax', recorder=rec)
+        views.show_attention(idx=idxs, path=files['grid, softmax part'], part='softmax', **src)
         files['bias part'] = out/'attention_bias.png'
-        learn.show_attention(idx=idxs[0], path=files['bias part'], part='bias', recorder=rec)
+        views.show_attention(idx=idxs[0], path=files['bias part'], part='bias', **src)
     for i in idxs:
         files[f'series {i}'] = out/f'attention_series_idx{i}{sfx}.png'
-        learn.show_attention(view='series', idx=i, path=files[f'series {i}'], part='effective' if part == 'bias' else part, recorder=rec)
-    if html:
-        import tsai_attnviz.show.report  # noqa: F401 (patches Learner.attention_report)
-        files['report'] = learn.attention_report(out/'attention_report.html', idx=idxs, recorder=rec).path
+        views.show_attention(view='series', idx=i, path=files[f'series {i}'], part='effective' if part == 'bias' else part, **src)
+    if html: files['report'] = views.attention_report(out/'attention_report.html', idx=idxs, **src).path
     plt.close('all')
     return files
-
-def _no_learner():
-    "What the views ask of a Learner, for a recording drawn without one: no model, no data (the recording holds what they draw)"
-    import torch
-    from fastai.learner import Learner
-    import tsai_attnviz.show.learner, tsai_attnviz.show.report  # noqa: F401 (patch Learner)
-    class _Views:
-        model, cbs = torch.nn.Module(), []  # no layer to ask: the recording's metadata and biases answer
-        show_attention, attention_report = Learner.show_attention, Learner.attention_report
-    return _Views()
-
 
 # %% ../nbs/60_cli.ipynb #cl0tb002
 def _tracker_cbs(a, y, splits)->list:
@@ -297,12 +285,11 @@ def _show_recording(a, report_only:bool=False):
     except (TypeError, ValueError, IndexError) as e: raise CLIError(str(e)) from None
     n = len(have)
     print(f"{a.learner}: a recording of {n} items ({len(rec)} records, {rec.meta.get('arch', 'a model')}), drawing {idxs}", flush=True)
-    views = _no_learner()
-    if not report_only: files = draw_figures(views, rec, Path(a.out), idxs, head=a.head, html=a.html, part=a.part)
+    if not report_only: files = draw_figures(None, rec, Path(a.out), idxs, head=a.head, html=a.html, part=a.part)
     else:
         import tsai_attnviz.show.report  # noqa: F401 (patches Learner.attention_report)
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        files = {'report': views.attention_report(Path(a.out)/'attention_report.html', idx=idxs, recorder=rec, max_len=a.max_len).path}
+        files = {'report': rec.attention_report(Path(a.out)/'attention_report.html', idx=idxs, max_len=a.max_len).path}
     _report(files)
 
 def _report_cmd(a):
@@ -403,6 +390,18 @@ class _Help(argparse.HelpFormatter):
         d = {True: 'on', False: 'off'}.get(action.default, action.default) if isinstance(action.default, bool) else action.default
         return f"{h} (default: {d})"
 
+def _drawn_from(q, verb:str, what:str, max_len:int, len_help:str):
+    "The options `show` and `report` share: a learner and data, or a recording on disk; the items; where and how large"
+    q.add_argument('learner', help="a .pkl written by learn.export() (it is unpickled, so load only files you trust) with --data, "
+                   "or a recording's folder, written by tsai-attnviz record or AttnRecorder(path=...)")
+    q.add_argument('--data', help='X as .npy or .npz: [n_samples, n_vars, seq_len] (default: none; required with a learner)')
+    q.add_argument('--y', help='labels (or targets) of --data as .npy, for the titles and per-class mean maps (default: none)')
+    q.add_argument('--idxs', type=int, nargs='+', help=f'items of --data (or of the recording) to {verb} (default: the first 4)')
+    q.add_argument('--out', default='attnviz_out', help=f'folder for {what}, made if missing')
+    q.add_argument('--max-len', type=int, default=max_len, help=len_help)
+    q.add_argument('--fast', action='store_true', help='fused attention (fast_attention) for the prediction pass, with a learner: no '
+                   'L x L map is built; recorded maps are still computed exactly. ConvTranPlus only')
+
 def _parser():
     p = argparse.ArgumentParser(prog='tsai-attnviz', description="See what the self-attention of tsai's models looks at.")
     sub = p.add_subparsers(dest='cmd', required=True)
@@ -426,16 +425,8 @@ def _parser():
                    'prediction (PigCVP trains on 2 cores); recorded maps are still computed exactly. ConvTranPlus only')
     s = sub.add_parser('show', formatter_class=_Help, help="the same figures for your exported learner (learn.export()) and data, "
                        "or for a recording on disk (tsai-attnviz record)")
-    s.add_argument('learner', help="a .pkl written by learn.export() (it is unpickled, so load only files you trust), or a "
-                   "recording's folder, written by tsai-attnviz record or AttnRecorder(path=...)")
-    s.add_argument('--data', help='X as .npy or .npz: [n_samples, n_vars, seq_len] (default: none; required with a learner)')
-    s.add_argument('--y', help='labels (or targets) of --data as .npy, for the titles and per-class mean maps (default: none)')
-    s.add_argument('--idxs', type=int, nargs='+', help='items of --data (or of the recording) to show (default: the first 4)')
+    _drawn_from(s, 'show', 'the figures', 256, 'reduce maps to at most this many cells a side')
     s.add_argument('--head', type=int, default=0, help='head of the single seed-style heatmap')
-    s.add_argument('--out', default='attnviz_out', help='folder for the figures, made if missing')
-    s.add_argument('--max-len', type=int, default=256, help='reduce maps to at most this many cells a side')
-    s.add_argument('--fast', action='store_true', help='fused attention (fast_attention) for the prediction pass: no L x L map is '
-                   'built; recorded maps are still computed exactly. ConvTranPlus only')
     r = sub.add_parser('record', formatter_class=_Help, help="every item of --data through your exported learner, its attention "
                        "streamed to a recording on disk (memory holds one batch's): draw it with show or report")
     r.add_argument('learner', help='a .pkl written by learn.export(); it is unpickled, so load only files you trust')
@@ -450,14 +441,7 @@ def _parser():
     r.add_argument('--fast', action='store_true', help='fused attention (fast_attention) for the pass; recorded maps are still exact. ConvTranPlus only')
     h = sub.add_parser('report', formatter_class=_Help, help="the interactive report alone (attention_report.html), of a recording "
                        "on disk or of your exported learner and data")
-    h.add_argument('learner', help="a recording's folder (tsai-attnviz record), or a .pkl written by learn.export() (unpickled: "
-                   "load only files you trust) with --data")
-    h.add_argument('--data', help='X as .npy or .npz: [n_samples, n_vars, seq_len] (default: none; required with a learner)')
-    h.add_argument('--y', help='labels (or targets) of --data as .npy (default: none)')
-    h.add_argument('--idxs', type=int, nargs='+', help='items to report (default: the first 4)')
-    h.add_argument('--out', default='attnviz_out', help='folder for attention_report.html, made if missing')
-    h.add_argument('--max-len', type=int, default=500, help='maps shown at most this many cells a side')
-    h.add_argument('--fast', action='store_true', help='fused attention for the prediction pass (with a learner). ConvTranPlus only')
+    _drawn_from(h, 'report', 'attention_report.html', 500, 'maps shown at most this many cells a side')
     for q in (d, s):
         q.add_argument('--part', default='effective', choices=('effective', 'softmax', 'bias'),
                        help="the part of the maps drawn: effective (what multiplies the values), softmax (what the input changed), "

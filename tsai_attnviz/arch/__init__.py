@@ -18,8 +18,9 @@ from ..core.layers import NOT_KEPT
 
 # %% auto #0
 __all__ = ['ADAPTERS', 'ArchAdapter', 'time_spans', 'conv_spans', 'probe_spans', 'spread_to_steps', 'register', 'supported',
-           'layer_adapter', 'no_attention_error', 'adapters_for', 'adapter_for', 'attention_layers', 'swap_attention',
-           'unswap_attention', 'tokens_of', 'model_input_shape', 'call_args', 'grad_safe']
+           'layer_adapter', 'no_attention_error', 'adapters_for', 'adapter_for', 'attention_layers', 'swap_layer',
+           'unswap_layer', 'swap_attention', 'unswap_attention', 'tokens_of', 'model_input_shape', 'call_args',
+           'grad_safe']
 
 # %% ../../nbs/10_arch.ipynb #ar000007
 class ArchAdapter:
@@ -43,6 +44,7 @@ class ArchAdapter:
     def n_heads(self, layer:nn.Module)->int: return layer.n_heads
     def adds_bias(self, layer:nn.Module)->bool: return False  # an input-independent bias added after the softmax (eRPE)
     def n_vars(self, model:nn.Module, layer:nn.Module)->int: return 1  # rows of the attention batch per item
+    def variables(self, model:nn.Module, layer:nn.Module)->list|None: return None  # the input variables `layer` sees; None: every one
     def tokens(self, model:nn.Module, name:str, layer:nn.Module, seq_len:int, n_q:int, n_k:int)->dict:
         "dict(query=(kind, spans), key=(kind, spans)): what each query and key of `layer` is; default: time steps"
         return dict(query=('time step', time_spans(n_q)), key=('time step', time_spans(n_k)))
@@ -136,7 +138,7 @@ def attention_layers(model:nn.Module)->list: # [(name, module)] in the model's o
     ids = {id(m) for a in ADAPTERS for _, m in a.layers(model)}
     return [(n, m) for n, m in model.named_modules() if id(m) in ids]
 
-def _swap_layer(m:nn.Module, keep_weights:bool=True)->bool: # whether `m` was stock (it is its twin now)
+def swap_layer(m:nn.Module, keep_weights:bool=True)->bool: # whether `m` was stock (it is its twin now)
     "Give one stock attention layer its twin class, in place, keeping nothing yet: the one place a twin class is put in"
     twin = layer_adapter(m).twins.get(type(m))
     if twin is None: return False
@@ -144,7 +146,7 @@ def _swap_layer(m:nn.Module, keep_weights:bool=True)->bool: # whether `m` was st
     m.keep_weights,m.attn_weights,m.attn_softmax = keep_weights,None,None
     return True
 
-def _unswap_layer(m:nn.Module)->bool: # whether `m` was a twin (it is stock now)
+def unswap_layer(m:nn.Module)->bool: # whether `m` was a twin (it is stock now)
     "Give one twin its stock class back, in place, without what the twin held: the one place a stock class is put back"
     stock = {v:k for k,v in layer_adapter(m).twins.items()}.get(type(m))
     if stock is None: return False
@@ -159,12 +161,12 @@ def swap_attention(model:nn.Module, # any module holding supported attention lay
     adapters_for(model, 'swap_attention')
     layers = attention_layers(model)
     for _, m in layers: layer_adapter(m).check(m)  # check all before changing any, so a bad model is left as it was
-    for _, m in layers: _swap_layer(m, keep_weights)
+    for _, m in layers: swap_layer(m, keep_weights)
     return model
 
 def unswap_attention(model:nn.Module)->nn.Module: # `model` with stock classes, changed in place
     "Give every swapped attention layer in `model` its stock class back, in place (idempotent)"
-    for _, m in attention_layers(model): _unswap_layer(m)
+    for _, m in attention_layers(model): unswap_layer(m)
     return model
 
 def tokens_of(model:nn.Module, name:str, layer:nn.Module, seq_len:int, n_q:int, n_k:int)->dict:

@@ -21,8 +21,8 @@ from ..core.layers import ExposesWeights, check_input
 from . import ArchAdapter, register, swap_attention, attention_layers
 
 # %% auto #0
-__all__ = ['CONVTRANPLUS', 'Attention_With_Weights', 'Attention_Rel_Scl_With_Weights', 'Attention_Rel_Vec_With_Weights',
-           'ConvTranPlusAdapter', 'ConvTranPlusWithAttn']
+__all__ = ['CONVTRANPLUS', 'STOCK_OF', 'Attention_With_Weights', 'check_heads', 'Attention_Rel_Scl_With_Weights',
+           'Attention_Rel_Vec_With_Weights', 'ConvTranPlusAdapter', 'ConvTranPlusWithAttn']
 
 # %% ../../nbs/11_arch_convtranplus.ipynb #44ad0c31
 class _ConvTranTwin(ExposesWeights):
@@ -73,7 +73,8 @@ class Attention_With_Weights(_ConvTranTwin, Attention):
         return self._out(attn, v)
 
 # %% ../../nbs/11_arch_convtranplus.ipynb #6ffdbdad
-def _check_heads(d_model, n_heads):
+def check_heads(d_model:int, n_heads:int):
+    "An error unless `n_heads` divides `d_model` (each head gets d_model/n_heads channels), naming the numbers that do"
     if n_heads < 1 or d_model % n_heads:
         divs = [h for h in range(1, d_model+1) if d_model % h == 0]
         raise ValueError(f"n_heads={n_heads} does not divide d_model={d_model}: each head gets d_model/n_heads channels. "
@@ -82,7 +83,7 @@ def _check_heads(d_model, n_heads):
 class Attention_Rel_Scl_With_Weights(_ConvTranTwin, Attention_Rel_Scl):
     "tsai's eRPE `Attention_Rel_Scl` that exposes its weights and runs with any `n_heads` dividing `d_model`"
     def __init__(self, d_model:int, seq_len:int, n_heads:int=8, dropout:float=0.01):
-        _check_heads(d_model, n_heads)
+        check_heads(d_model, n_heads)
         super().__init__(d_model, seq_len, n_heads=n_heads, dropout=dropout)
 
     def relative_bias(self)->torch.Tensor: # [n_heads, L, L]
@@ -117,7 +118,7 @@ class ConvTranPlusAdapter(ArchAdapter):
     fast = {}  # stock class -> its fused twin, which builds no L × L map: filled by `tsai_attnviz.arch.convtranplus_fast`
 
     def check(self, layer):
-        if type(layer) is Attention_Rel_Scl: _check_heads(layer.key.in_features, layer.n_heads)
+        if type(layer) is Attention_Rel_Scl: check_heads(layer.key.in_features, layer.n_heads)
 
     def adds_bias(self, layer): return hasattr(layer, 'relative_bias_table')  # eRPE, stock, swapped or fused
 
@@ -129,8 +130,7 @@ class ConvTranPlusAdapter(ArchAdapter):
         except (AttributeError, IndexError, TypeError): return None
 
 CONVTRANPLUS = register(ConvTranPlusAdapter())
-_TWINS, _FAST = CONVTRANPLUS.twins, CONVTRANPLUS.fast
-_STOCK = {v:k for k,v in _TWINS.items()}
+STOCK_OF = {v:k for k,v in CONVTRANPLUS.twins.items()}  # twin class -> its stock tsai class
 
 # %% ../../nbs/11_arch_convtranplus.ipynb #c7b1e001
 from fastcore.basics import patch
@@ -161,7 +161,7 @@ class ConvTranPlusWithAttn(ConvTranPlus):
         store = 'all' if store is True else store or None
         if store not in ('eval', 'all', None): raise ValueError(f"store={store!r}: use 'eval', 'all' or False.")
         if not max_mem > 0: raise ValueError(f"max_mem={max_mem!r}: use a positive number of MB.")
-        if kwargs.get('rel_pos_encode', 'eRPE') == 'eRPE': _check_heads(kwargs.get('d_model', 16), kwargs.get('n_heads', 8))
+        if kwargs.get('rel_pos_encode', 'eRPE') == 'eRPE': check_heads(kwargs.get('d_model', 16), kwargs.get('n_heads', 8))
         super().__init__(c_in, c_out, seq_len, **kwargs)
         store_attr('c_in,seq_len,max_batches,max_mem,store')
         swap_attention(self)

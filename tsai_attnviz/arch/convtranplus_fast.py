@@ -13,7 +13,7 @@ from tsai.models.ConvTranPlus import Attention, Attention_Rel_Scl, Attention_Rel
 from ..core.layers import NOT_KEPT
 from ..core.stream import AttnPublisher, STREAM_STATE
 from . import no_attention_error
-from .convtranplus import CONVTRANPLUS, _FAST, _STOCK, _check_heads
+from .convtranplus import CONVTRANPLUS, STOCK_OF, check_heads
 import tsai_attnviz.record.export  # noqa: F401 (learn.export() holds stock layers)
 
 # %% auto #0
@@ -179,7 +179,7 @@ class Attention_Rel_Vec_Fast(_Fused, Attention_Rel_Vec):
         return self._out(torch.cat([mix(q, kt, v, q0, min(q0 + c, L)) for q0 in range(0, L, c)], -2))
 
 # %% ../../nbs/18_arch_convtranplus_fast.ipynb #fa57000c
-_FAST.update({Attention: Attention_Fast, Attention_Rel_Scl: Attention_Rel_Scl_Fast, Attention_Rel_Vec: Attention_Rel_Vec_Fast})
+CONVTRANPLUS.fast.update({Attention: Attention_Fast, Attention_Rel_Scl: Attention_Rel_Scl_Fast, Attention_Rel_Vec: Attention_Rel_Vec_Fast})
 
 def _no_convtranplus(model, who:str)->ValueError:
     "The error for a model without ConvTranPlus attention layers: the fused path exists for them only"
@@ -193,9 +193,9 @@ def fast_attention(model:nn.Module, # any module holding ConvTranPlus attention 
     "Give every ConvTranPlus attention layer in `model` its fused class, in place (idempotent): no L × L map is built"
     layers = CONVTRANPLUS.layers(model)
     if not layers: raise _no_convtranplus(model, 'fast_attention')
-    for _, m in layers: _check_heads(m.key.in_features, m.n_heads)  # check all before changing any
+    for _, m in layers: check_heads(m.key.in_features, m.n_heads)  # check all before changing any
     for _, m in layers:
-        fast = _FAST.get(_STOCK.get(type(m), type(m)))
+        fast = CONVTRANPLUS.fast.get(STOCK_OF.get(type(m), type(m)))
         if fast is not None and type(m) is not fast:
             for a in ('keep_weights', 'attn_weights', 'attn_softmax'): m.__dict__.pop(a, None)  # attached consumers stay
             m.__class__ = fast
@@ -206,7 +206,7 @@ def exact_attention(model:nn.Module, # any module holding ConvTranPlus attention
     "Give every fused attention layer in `model` its stock tsai class back, in place (idempotent)"
     layers = CONVTRANPLUS.layers(model)
     if not layers: raise _no_convtranplus(model, 'exact_attention')
-    stock = {v:k for k,v in _FAST.items()}
+    stock = {v:k for k,v in CONVTRANPLUS.fast.items()}
     for _, m in layers:
         if type(m) in stock:
             for a in ('chunk', 'attn_weights', 'attn_softmax'): m.__dict__.pop(a, None)
@@ -216,13 +216,13 @@ def exact_attention(model:nn.Module, # any module holding ConvTranPlus attention
 # %% ../../nbs/18_arch_convtranplus_fast.ipynb #fa570017
 from fastcore.basics import patch
 from . import ArchAdapter
-from .convtranplus import ConvTranPlusAdapter, _TWINS
+from .convtranplus import ConvTranPlusAdapter
 
 class _AsExact:
     "While active, a fused layer is its exact `*_With_Weights` twin: its forward builds the maps, with gradients, as the exact layer does"
     def __init__(self, layer): self.layer,self.fused = layer,type(layer)
     def __enter__(self):
-        self.layer.__class__ = _TWINS[{v:k for k,v in _FAST.items()}[self.fused]]
+        self.layer.__class__ = CONVTRANPLUS.twins[{v:k for k,v in CONVTRANPLUS.fast.items()}[self.fused]]
         return self.layer
     def __exit__(self, *exc):
         for a in ('keep_weights', 'attn_weights', 'attn_softmax'): self.layer.__dict__.pop(a, None)  # the twin's, if any were set

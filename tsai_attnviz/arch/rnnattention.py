@@ -15,17 +15,17 @@ import torch.nn as nn
 from tsai.models.RNNAttention import _MultiHeadAttention as _RNNAttentionMHA, _RNNAttention_Base
 from tsai.models.RNNAttentionPlus import _MultiHeadAttention as _RNNAttentionPlusMHA, _RNNAttentionPlus_Base
 from . import ArchAdapter, register
-from .tst import _MultiHeadAttentionTwin
+from .tst import MultiHeadAttentionTwin
 
 # %% auto #0
 __all__ = ['RNNATTENTION', 'RNNAttention_MultiHeadAttention_With_Weights', 'RNNAttentionPlus_MultiHeadAttention_With_Weights',
            'RNNAttentionAdapter']
 
 # %% ../../nbs/15_arch_rnnattention.ipynb #7b2d0e07
-class RNNAttention_MultiHeadAttention_With_Weights(_MultiHeadAttentionTwin, _RNNAttentionMHA):
+class RNNAttention_MultiHeadAttention_With_Weights(MultiHeadAttentionTwin, _RNNAttentionMHA):
     "RNNAttention's `_MultiHeadAttention` that exposes its weights `[bs, n_heads, q_len, k_len]`"
 
-class RNNAttentionPlus_MultiHeadAttention_With_Weights(_MultiHeadAttentionTwin, _RNNAttentionPlusMHA):
+class RNNAttentionPlus_MultiHeadAttention_With_Weights(MultiHeadAttentionTwin, _RNNAttentionPlusMHA):
     "RNNAttentionPlus's `_MultiHeadAttention` that exposes its weights `[bs, n_heads, q_len, k_len]`"
 
 # %% ../../nbs/15_arch_rnnattention.ipynb #7b2d0e09
@@ -54,7 +54,7 @@ RNNATTENTION = register(RNNAttentionAdapter())
 
 # %% ../../nbs/15_arch_rnnattention.ipynb #90ca7cf2
 from fastcore.basics import patch
-from .tst import _tst_values
+from .tst import mha_value_vectors
 
 @patch
-def value_vectors(self:RNNAttentionAdapter, layer, a, model=None): return _tst_values(layer, a)
+def value_vectors(self:RNNAttentionAdapter, layer, a, model=None): return mha_value_vectors(layer, a)

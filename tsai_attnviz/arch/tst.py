@@ -19,10 +19,11 @@ from ..core.layers import ExposesWeights
 from . import ArchAdapter, register, time_spans, conv_spans, probe_spans
 
 # %% auto #0
-__all__ = ['TST_FAMILY', 'TST_MultiHeadAttention_With_Weights', 'tst_spans', 'TSTAdapter']
+__all__ = ['TST_FAMILY', 'MultiHeadAttentionTwin', 'TST_MultiHeadAttention_With_Weights', 'tst_spans', 'TSTAdapter',
+           'mha_value_vectors']
 
 # %% ../../nbs/14_arch_tst.ipynb #7a1c0e07
-class _MultiHeadAttentionTwin(ExposesWeights):
+class MultiHeadAttentionTwin(ExposesWeights):
     "The forward of tsai's `_MultiHeadAttention` (TST, RNNAttention, RNNAttentionPlus), handing its weights on"
     def forward(self, Q, K, V, # [bs, q_len, d_model], [bs, k_len, d_model], [bs, k_len, d_model]
                 mask=None): # unused, as in stock
@@ -37,7 +38,7 @@ class _MultiHeadAttentionTwin(ExposesWeights):
         context = context.transpose(1, 2).contiguous().view(bs, -1, self.n_heads * self.d_v)  # [bs, q_len, H·d_v]
         return self.W_O(context), attn                                            # [bs, q_len, d_model], as stock
 
-class TST_MultiHeadAttention_With_Weights(_MultiHeadAttentionTwin, _MultiHeadAttention):
+class TST_MultiHeadAttention_With_Weights(MultiHeadAttentionTwin, _MultiHeadAttention):
     "TST's `_MultiHeadAttention` that exposes its weights `[bs, n_heads, q_len, k_len]`"
 
 # %% ../../nbs/14_arch_tst.ipynb #7a1c0e09
@@ -97,7 +98,7 @@ TST_FAMILY = register(TSTAdapter())
 # %% ../../nbs/14_arch_tst.ipynb #a38631ac
 from fastcore.basics import patch
 
-def _tst_values(layer, a)->torch.Tensor: # [bs, H, Lk, d_model]
+def mha_value_vectors(layer, a)->torch.Tensor: # [bs, H, Lk, d_model]
     "Each key's value through `W_V` and its head's block of `W_O`"
     V = a['V']                                                                       # [bs, Lk, d_model]
     v = layer.W_V(V).view(V.size(0), -1, layer.n_heads, layer.d_v)                   # [bs, Lk, H, d_v]
@@ -105,4 +106,4 @@ def _tst_values(layer, a)->torch.Tensor: # [bs, H, Lk, d_model]
     return torch.einsum('blhd,mhd->bhlm', v, W)
 
 @patch
-def value_vectors(self:TSTAdapter, layer, a, model=None): return _tst_values(layer, a)
+def value_vectors(self:TSTAdapter, layer, a, model=None): return mha_value_vectors(layer, a)

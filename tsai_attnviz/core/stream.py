@@ -119,7 +119,7 @@ class Attachment:
     "Consumers subscribed to attention layers of a model, twins swapped in where needed; `detach` (or leaving `with`) undoes just that"
     def __init__(self, model:nn.Module, consumers:tuple, layers=None, keep_weights:bool=None, restore:bool=True,
                  exclusive:bool=False, who:str='attached'):
-        from tsai_attnviz.arch import adapters_for, attention_layers, layer_adapter, _swap_layer  # here: the registry imports the layers, which import this module
+        from tsai_attnviz.arch import adapters_for, attention_layers, layer_adapter, swap_layer  # here: the registry imports the layers, which import this module
         bad = [type(c).__name__ for c in consumers if not isinstance(c, AttnConsumer)]
         if not consumers or bad:
             raise TypeError(f"{who}: consumers must be AttnConsumer instances (define receive(chunk), and wanted(layer, bs) "
@@ -131,7 +131,7 @@ class Attachment:
             if type(m) in layer_adapter(m).twins: layer_adapter(m).check(m)
         self.model,self.consumers,self.exclusive,self._kept,self._done = model,tuple(consumers),exclusive,[],False
         for n, m in self.layers:
-            if _swap_layer(m, keep_weights=False):  # swapped here: it keeps nothing
+            if swap_layer(m, keep_weights=False):  # swapped here: it keeps nothing
                 if restore: m.__dict__['_attn_stock'] = True  # stock again once no consumer is left on it
             elif keep_weights is not None and hasattr(type(m), 'keep_weights'):
                 self._kept.append((m, {k: m.__dict__[k] for k in _WEIGHTS if k in m.__dict__}))
@@ -143,7 +143,7 @@ class Attachment:
         "Unsubscribe, put back what this attachment changed, and give a layer swapped by any attachment its stock class once no consumer is left (idempotent)"
         if self._done: return
         self._done = True
-        from tsai_attnviz.arch import _unswap_layer
+        from tsai_attnviz.arch import unswap_layer
         for _, m in self.layers:
             subs = list(m.__dict__.get('_subs', ()))
             for c in self.consumers:  # only the entries this attachment added: another may hold the same consumer
@@ -157,7 +157,7 @@ class Attachment:
             for k in _WEIGHTS: m.__dict__.pop(k, None)
             m.__dict__.update(kept)
         for _, m in self.layers:
-            if not m.__dict__.get('_subs') and m.__dict__.pop('_attn_stock', False): _unswap_layer(m)
+            if not m.__dict__.get('_subs') and m.__dict__.pop('_attn_stock', False): unswap_layer(m)
 
     def __enter__(self): return self
     def __exit__(self, *exc): self.detach()

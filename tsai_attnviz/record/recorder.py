@@ -275,6 +275,8 @@ class AttnRecorder(AttnConsumer, Callback):
                     bias=any(layer_adapter(m).adds_bias(m) for _, m in sel),  # eRPE: maps are softmax + bias
                     arch=adapter.name, maps=adapter.maps, dropout=adapter.dropout, per_var=adapter.per_var)
         meta.setdefault('layer_heads', {}).update({n: self.select.heads_of(m) for n, m in sel})
+        # the input variables each layer sees (a MultiTSTPlus branch's group): a recording drawn without its model knows them
+        meta.setdefault('variables', {}).update({n: layer_adapter(m).variables(model, m) for n, m in sel})
 
     def _prepare(self, sel):
         "Resolve max_len='auto' for this pass, and refuse aggregates that can't be made, before anything is stored"

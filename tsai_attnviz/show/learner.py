@@ -12,41 +12,20 @@ import numpy as np
 import torch
 import matplotlib.pyplot as plt
 from fastcore.basics import patch, listify
+from fastcore.meta import delegates
 from fastai.learner import Learner
 from ..core.checks import check_head, check_layer, check_idx, check_var, check_choice, check_X
 from ..data import target_info, item_title, decode_target, class_index, has_data, class_name
 from ..record.recorder import AttnRecorder
 from ..arch import model_input_shape
 from ..record.recording import AttnRecording, PARTS
+from .source import recording_to_draw, recording_info, item_titles, need_learner
 from .plot import plot_attention_weights, plot_head_grid, plot_attention_over_series, plot_attention_stats, finish_figure, tokens_are_steps, wrap_text
 
 # %% auto #0
 __all__ = []
 
 # %% ../../nbs/50_show_learner.ipynb #5aac1a89
-def _recorder(learn):
-    "The `AttnRecorder` the views read by default: the last one added to `learn` (None: none is attached)"
-    return next((cb for cb in reversed(learn.cbs) if isinstance(cb, AttnRecorder)), None)
-
-def _recording(learn, recorder=None, # an `AttnRecorder` (attached or not) or an `AttnRecording`; None: the last recorder added
-               new_data:bool=False)->AttnRecording|None: # None: record on the spot
-    "The recording a view reads: `recorder`'s, else that of the last `AttnRecorder` added to `learn`"
-    if recorder is None:
-        cb = _recorder(learn)
-        return None if cb is None or new_data else cb.recording
-    if isinstance(recorder, AttnRecorder): rec = recorder.recording
-    elif isinstance(recorder, AttnRecording): rec = recorder
-    else: raise TypeError(f"recorder={recorder!r}: pass an AttnRecorder (attached or not) or an AttnRecording, or leave it None "
-                          "for the last AttnRecorder added to the Learner.")
-    if new_data: raise ValueError("recorder= draws what it recorded, and dl=/X= records new data here: pass recorder= or dl=/X=, not both.")
-    if not len(rec) and not rec.aggregates: raise ValueError("recorder= holds no records: run a pass with it first "
-                                                             "(learn.get_preds(cbs=[recorder])), or leave recorder=None to record here.")
-    return rec
-
-def _info(learn, rec):
-    "Task and class names: as the recorder stored them, else read from the Learner"
-    return rec.meta if rec is not None and 'task' in rec.meta else target_info(learn)
-
 @patch
 def record_attention(self:Learner,
                      dl=None, # a DataLoader to record from (default: the validation set)
@@ -67,18 +46,6 @@ def record_attention(self:Learner,
     return rec.recording
 
 # %% ../../nbs/50_show_learner.ipynb #24126c0a
-def _titles(info, r)->tuple: # ('Sample 3, Batch 0 (idx 17)', 'True: Walking · Pred: Running')
-    "How figures name a record: where it came from, and its true and predicted label"
-    where = f"Sample {r['sample']}, Batch {r['batch']}" if r['batch'] >= 0 else f"Probe, epoch {r['epoch']}"
-    where += '' if r['idx'] is None else f" (idx {r['idx']})"
-    if r.get('var') is not None: where += f", var {r['var']}"   # channel-independent models: one map per variable
-    if r.get('call'): where += f", call {r['call']}"              # a layer called several times a forward
-    t, p, v = r['target'], r['pred'], r.get('var')
-    if v is not None:  # a forecast of every variable: this variable's values
-        pick = lambda a: a[v] if torch.is_tensor(a) and a.ndim >= 2 and a.shape[0] > v else a
-        t, p = pick(t), pick(p)
-    return where, item_title(info, t, p)
-
 def _row_label(t)->str:
     "A grid row's label: where the item came from, then its labels (a forecast's true and predicted values on lines of their own)"
     where, labels = t
@@ -124,24 +91,24 @@ def show_attention(self:Learner,
     head, var, idx = check_head(head), check_var(var), check_idx(idx)
     if layer is not None: check_layer(layer, extra=('all',))
     if query is not None and view != 'series': raise ValueError("query=... draws a row of the map over the input: pass view='series'.")
-    if view == 'relevance': return _show_relevance(self, 0 if idx is None else idx, X, method, layer, head, part, path, **kwargs)
+    if view == 'relevance': return _show_relevance(need_learner(self, "view='relevance'"), 0 if idx is None else idx, X, method, layer, head, part, path, **kwargs)
     if layer is None: layer = 0
-    rec = _recording(self, recorder, dl is not None or X is not None)
+    rec = recording_to_draw(self, recorder, dl is not None or X is not None)
     if aggregate is not None:
         if rec is None or (recorder is None and not rec.aggregates):
-            rec = self.record_attention(dl=dl, X=X, y=y, batches=None, samples=[], aggregate=aggregate, max_len=max_len)
+            rec = need_learner(self, 'Recording on the spot').record_attention(dl=dl, X=X, y=y, batches=None, samples=[], aggregate=aggregate, max_len=max_len)
         return _show_aggregate(self, rec, aggregate, head, shared_scale, path, classes, part)
     if rec is None or (recorder is None and not len(rec)):
         sel = dict(idxs=listify(idx)) if idx is not None else dict(batches=listify(batch or 0), samples=listify(sample or 0))
-        rec = self.record_attention(dl=dl, X=X, y=y, max_len=max_len, **sel)
+        rec = need_learner(self, 'Recording on the spot').record_attention(dl=dl, X=X, y=y, max_len=max_len, **sel)
         if not len(rec): raise IndexError(f"Nothing recorded for {sel}: the data has fewer batches or items than that.")
     if layer == 'all': return _show_layers(self, rec, head, idx, batch, sample, view, shared_scale, path, part,
                                            epoch=epoch, forward=forward, tag=tag, var=var, **kwargs)
     recs = rec.select(layer, idx, batch, sample, epoch=epoch, forward=forward, tag=tag, var=var, call=call).records
     name = recs[0]['layer']
-    heads, info, tokens = rec.heads_of(name), _info(self, rec), rec.tokens(name)
+    heads, info, tokens = rec.heads_of(name), recording_info(self, rec), rec.tokens(name)
     check_head(head, heads)
-    titles = [_titles(info, r) for r in recs]
+    titles = [item_titles(info, r) for r in recs]
     what = 'mean over heads' if head is None else f'Head {head}'
     if part == 'bias':  # input-independent: one map, whatever the items
         r = recs[0]
@@ -154,7 +121,7 @@ def show_attention(self:Learner,
     if view == 'series':
         if len(recs) > 1: raise ValueError("view='series' draws one item: pass a single idx, or batch and sample.")
         where, labels = titles[0]
-        sees = _layer_vars(self, name)
+        sees = _layer_vars(self, rec, name)
         return _series(rec, recs[0], tokens, head, heads, path, part=part, query=query, sees=sees,
                        title=f"{labels}\n{_layer_name(rec, name)} · {where} · {what}{_PART_TITLE[part]}", **kwargs)
     if len({tuple(r['weights'].shape) for r in recs}) > 1:
@@ -178,12 +145,13 @@ def _layer_name(rec, name)->str: # 'backbone.encoder.layers.0.self_attn (layer 0
     names = list(dict.fromkeys(rec.layers))
     return name if len(names) < 2 else f"{name} (layer {names.index(name)} of {len(names)})"
 
-def _layer_vars(learn, name)->list|None:
-    "The input variables layer `name` sees (a MultiTSTPlus branch's group, as its family's adapter tells), or None for all"
+def _layer_vars(learn, rec, name)->list|None:
+    "The input variables layer `name` sees (a MultiTSTPlus branch's group), or None for all: as recorded, else as its family's adapter tells"
+    if name in rec.meta.get('variables', {}): return rec.meta['variables'][name]
+    if learn is None: return None  # a recording made before it kept them, drawn alone: every variable
     from tsai_attnviz.arch import layer_adapter
     m = dict(learn.model.named_modules()).get(name)
-    f = None if m is None else getattr(layer_adapter(m), 'variables', None)
-    return None if f is None else f(learn.model, m)
+    return None if m is None or layer_adapter(m) is None else layer_adapter(m).variables(learn.model, m)
 
 def _show_relevance(learn, idx, X, method, layer, head, part, path, **kwargs):
     "Relevance of each time step of one item by one or several methods (`Learner.relevance`), over the item's input"
@@ -215,14 +183,15 @@ def _show_relevance(learn, idx, X, method, layer, head, part, path, **kwargs):
 def _reference_maps(learn, rec, recs, relative_to, part, name)->torch.Tensor: # [n, H, l, l]
     "Each record's class mean map (or the mean over items), recorded on the spot when the recording has none, at the same block size"
     kind = 'class' if relative_to == 'class' else 'mean'
-    if kind == 'class' and _info(learn, rec)['task'] != 'classification':
+    if kind == 'class' and recording_info(learn, rec)['task'] != 'classification':
         raise ValueError("relative_to='class' needs a classifier; this Learner is a regression: use relative_to='mean'.")
-    src = rec if kind in rec.aggregates else learn.record_attention(batches=None, samples=[], aggregate=kind, max_len=rec.meta.get('max_len'))
+    src = rec if kind in rec.aggregates else need_learner(learn, f"relative_to={relative_to!r} with a recording that holds no {kind} maps").record_attention(
+        batches=None, samples=[], aggregate=kind, max_len=rec.meta.get('max_len'))
     out = []
     for r in recs:
         if kind == 'class':
             c = r['target'] if isinstance(r['target'], int) else int(r['pred'].argmax()) if r['pred'] is not None else None
-            c = None if c is None else class_name(_info(learn, src), c)  # class means are keyed by label
+            c = None if c is None else class_name(recording_info(learn, src), c)  # class means are keyed by label
             if c not in src.aggregates.get('class', {}): raise ValueError(f"No mean map for class {c}: the pass recorded classes {src.group_keys}.")
             m = src.mean_map(c)
         else: m = src.mean_map()
@@ -282,9 +251,9 @@ def _show_layers(learn, rec, head, idx, batch, sample, view, shared_scale, path,
     same = lambda r: all(r.get(k) == r0.get(k) for k in ('batch', 'sample', 'forward', 'split', 'epoch', 'tag', 'var'))
     order = list(dict.fromkeys(rec.layers))
     rows = sorted((r for r in rec.records if same(r)), key=lambda r: (order.index(r['layer']), r.get('call', 0)))
-    heads, info = max((rec.heads_of(r['layer']) for r in rows), key=len), _info(learn, rec)
+    heads, info = max((rec.heads_of(r['layer']) for r in rows), key=len), recording_info(learn, rec)
     check_head(head, heads)
-    where_, labels = _titles(info, dict(r0, call=0))
+    where_, labels = item_titles(info, dict(r0, call=0))
     def name(r):  # long module paths wrapped at dots, so that rows keep their room
         parts, lines = r['layer'].split('.'), ['']
         for p_ in parts: lines[-1:] = [lines[-1] + ('.' if lines[-1] else '') + p_] if len(lines[-1]) + len(p_) < 22 else [lines[-1] + '.', p_]
@@ -297,7 +266,7 @@ def _show_layers(learn, rec, head, idx, batch, sample, view, shared_scale, path,
 
 def _show_aggregate(learn, rec, aggregate, head, shared_scale, path, classes=None, part='effective'):
     "Mean maps over every recorded sample, one row per class (or target bin)"
-    info = _info(learn, rec)
+    info = recording_info(learn, rec)
     if aggregate == 'class' and info['task'] == 'regression':
         raise ValueError("aggregate='class' groups maps by class, but this Learner is a regression (its targets are values): "
                          "use aggregate='bins' (mean maps per range of the target) or aggregate='mean'.")
@@ -341,7 +310,7 @@ def show_attention_evolution(self:Learner,
                              recorder=None, # the AttnRecorder (or AttnRecording) to draw from; None: the last AttnRecorder added
                              path=None)->plt.Figure:
     "Probe maps across epochs, with their statistics across epochs"
-    rec = _recording(self, recorder)
+    rec = recording_to_draw(self, recorder)
     rec = None if rec is None else rec.filter(split='probe')
     if rec is None or not len(rec): raise ValueError("No probe recorded: fit with learn.add_cb(AttnRecorder(every_epoch=True, probe=[...])).")
     probe = sorted(set(rec.idxs))
@@ -367,3 +336,16 @@ def show_attention_evolution(self:Learner,
         plot_attention_stats(df, x='epoch', stats=[s for s in stats if s in df.columns],  # bias_share only where there is a bias
                              heads=None if head is None else [head], fig=bottom)
     return finish_figure(fig, path)
+
+# %% ../../nbs/50_show_learner.ipynb #3c5df81b
+@patch
+@delegates(Learner.show_attention, but=['recorder', 'dl', 'X', 'y', 'method'])
+def show_attention(self:AttnRecording, **kwargs)->plt.Figure:
+    "Draw this recording as `learn.show_attention(recorder=rec, ...)` does, without a Learner: every view but relevance"
+    return Learner.show_attention(None, recorder=self, **kwargs)
+
+@patch
+@delegates(Learner.show_attention_evolution, but=['recorder'])
+def show_attention_evolution(self:AttnRecording, **kwargs)->plt.Figure:
+    "Draw this recording's probe across epochs as `learn.show_attention_evolution(recorder=rec, ...)` does, without a Learner"
+    return Learner.show_attention_evolution(None, recorder=self, **kwargs)

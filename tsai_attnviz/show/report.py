@@ -11,11 +11,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fastcore.basics import patch, listify
+from fastcore.meta import delegates
 from fastai.learner import Learner
 from ..arch import layer_adapter, time_spans
 from ..core.reduce import pool_keys
 from ..record.recording import AttnRecording, to_dtype
-from .learner import _recording, _info, _titles
+from .source import recording_to_draw, recording_info, item_titles, need_learner
+import tsai_attnviz.show.learner  # noqa: F401 (Learner.record_attention, which records on the spot)
 from ..data import item_title, decode_target
 
 
@@ -276,7 +278,7 @@ def _payload(rec:AttnRecording, titles=None, parts=None, classes=None, dtype=Non
     if max_len is not None and not (isinstance(max_len, (int, np.integer)) and max_len >= 1):
         raise ValueError(f"max_len={max_len!r}: use a positive number of cells a side, or None for the maps as recorded.")
     if titles is None and 'task' in rec.meta:  # the recorder kept the task and class names: name items as the figures do
-        titles = [_titles(rec.meta, r)[1] for r in rec.records]
+        titles = [item_titles(rec.meta, r)[1] for r in rec.records]
     if classes is None: classes = rec.meta.get('vocab')
     parts = dict(parts or {})
     bad = [p for p in parts if p not in _PARTS]
@@ -427,8 +429,8 @@ def read_report(src)->dict:
 # %% ../../nbs/51_show_report.ipynb #aa4def8a
 def _report_labels(learn, rec, recs)->tuple:
     "Titles of `recs` and names of the class means, as the figures write them (a channel-independent model's: its variable's values)"
-    info = _info(learn, rec)
-    titles = [_titles(info, r)[1] for r in recs]
+    info = recording_info(learn, rec)
+    titles = [item_titles(info, r)[1] for r in recs]
     return titles, info.get('vocab')
 
 def _bias_parts(model, rec:AttnRecording)->tuple:
@@ -484,13 +486,21 @@ def attention_report(self:Learner,
     aggregate = check_choice(aggregate, ('mean', 'class', 'bins'), 'aggregate', none_ok=True, noun='a kind of mean map')
     if max_len is not None and not (isinstance(max_len, (int, np.integer)) and max_len >= 1):
         raise ValueError(f"max_len={max_len!r}: use a positive number of cells a side (500 by default), or None for the maps as recorded.")
-    rec = _recording(self, recorder, dl is not None or X is not None)
+    rec = recording_to_draw(self, recorder, dl is not None or X is not None)
     if rec is None or (recorder is None and not len(rec)):
         sel = dict(idxs=listify(idx)) if idx is not None else dict(batches=[batch], samples=list(range(4)) if sample is None else listify(sample))
-        rec = self.record_attention(dl=dl, X=X, y=y, max_len=max_len, dtype=dtype, aggregate=aggregate, **sel)
+        rec = need_learner(self, 'Recording on the spot').record_attention(dl=dl, X=X, y=y, max_len=max_len, dtype=dtype, aggregate=aggregate, **sel)
         if not len(rec): raise IndexError(f"Nothing recorded for {sel}: the data has fewer batches or items than that.")
     sub = AttnRecording(_select(rec, idx, batch, sample), rec.aggregates, rec.meta, rec.biases)
-    parts, notes = ({}, []) if sub.biases else _bias_parts(self.model, sub)  # the recorder keeps the bias; older recordings: the model's
+    # the recorder keeps the bias; older recordings: the model's (none without the Learner: the page shows the maps as recorded)
+    parts, notes = ({}, []) if sub.biases or self is None else _bias_parts(self.model, sub)
     titles, classes = _report_labels(self, rec, sub.records)
     return sub.to_html(path, titles=titles, parts=parts, classes=classes, notes=notes + list(kwargs.pop('notes', None) or []),
                        max_len=max_len, **kwargs)
+
+# %% ../../nbs/51_show_report.ipynb #c6e4b39a
+@patch
+@delegates(Learner.attention_report, but=['recorder', 'dl', 'X', 'y', 'dtype', 'aggregate'])
+def attention_report(self:AttnRecording, path=None, **kwargs)->AttnReport:
+    "This recording's interactive report, as `learn.attention_report(recorder=rec, ...)` writes it, without a Learner"
+    return Learner.attention_report(None, path, recorder=self, **kwargs)
