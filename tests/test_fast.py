@@ -159,6 +159,25 @@ def test_bias_rows_built_only_while_a_consumer_reads_them(monkeypatch):
     _record(pig_learner(fast, L), fast, stats=True, **kw)
     assert built == test * 2, built  # statistics hold the bias: every forward reads it
 
+def test_a_method_that_keeps_chunks_as_they_came_reads_exact_maps(bm_learner):
+    "A relevance method with the default `reduce` keeps each chunk of maps as it came; the fused layers write the next chunk into the same buffers, so what it reads must be a copy: the exact layer's maps"
+    from tsai_attnviz.explain.relevance import AttentionMethod, register_relevance, RELEVANCE_METHODS
+    class KeptRows(AttentionMethod):
+        name, unit = 'kept_rows', 'attention, mean over queries'
+        def layer(self, A, call, head): return self.heads(A, head).mean(-2)                  # A [rows, H, Lq, Lk] -> [rows, Lk]
+    register_relevance(KeptRows())
+    try:
+        model = bm_learner.model
+        with torch.no_grad(): model.backbone.attention_layer.relative_bias_table.normal_(0, 0.05)
+        fast = fast_attention(copy.deepcopy(model))
+        fast.backbone.attention_layer.chunk = 37  # three chunks of query rows, the last one shorter
+        l2 = Learner(bm_learner.dls, fast, loss_func=bm_learner.loss_func)
+        for part in ('softmax', 'effective'):  # the softmax part is the layer's own buffer, as it came
+            ref = bm_learner.relevance(idx=[0, 1, 2], method='kept_rows', part=part)
+            got = l2.relevance(idx=[0, 1, 2], method='kept_rows', part=part)
+            assert rel_err(torch.as_tensor(got), torch.as_tensor(ref)) <= 1e-5, part
+    finally: RELEVANCE_METHODS.pop('kept_rows')
+
 # -- memory ---------------------------------------------------------------------------------------------------------
 class MapSized(TorchDispatchMode):
     "The most elements held by any map-shaped tensor an op produces (last dim seq_len, more rows than a head has channels)"

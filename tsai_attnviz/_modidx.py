@@ -109,6 +109,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                          'tsai_attnviz/arch/convtranplus_fast.py'),
                                                      'tsai_attnviz.arch.convtranplus_fast._no_convtranplus': ( 'arch_convtranplus_fast.html#_no_convtranplus',
                                                                                                                'tsai_attnviz/arch/convtranplus_fast.py'),
+                                                     'tsai_attnviz.arch.convtranplus_fast._softmax_into': ( 'arch_convtranplus_fast.html#_softmax_into',
+                                                                                                            'tsai_attnviz/arch/convtranplus_fast.py'),
                                                      'tsai_attnviz.arch.convtranplus_fast.exact_attention': ( 'arch_convtranplus_fast.html#exact_attention',
                                                                                                               'tsai_attnviz/arch/convtranplus_fast.py'),
                                                      'tsai_attnviz.arch.convtranplus_fast.fast_attention': ( 'arch_convtranplus_fast.html#fast_attention',

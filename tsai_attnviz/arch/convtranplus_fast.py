@@ -69,6 +69,10 @@ def relative_bias_mix(table:torch.Tensor, # [2L-1, H], eRPE's `relative_bias_tab
 # %% ../../nbs/18_arch_convtranplus_fast.ipynb #fa570009
 CHUNK = 2**21  # most elements of a chunk of scores [n, H, rows, L] the fused layers build at once (8 MB in float32)
 
+def _softmax_into(x:torch.Tensor, out:torch.Tensor)->torch.Tensor:
+    "softmax over the last dim of `x` written into `out`: F.softmax's own kernel (F.softmax takes no `out`)"
+    return torch.ops.aten._softmax.out(x, -1, False, out=out)
+
 class _Fused(AttnPublisher):
     "Mixin for the fused layers: attention without [L, L] maps, and exact maps of the samples the consumers want, chunk by chunk"
     chunk,attn_weights,attn_softmax = None,None,None  # chunk: query rows per chunk of scores (None: CHUNK elements)
@@ -95,9 +99,9 @@ class _Fused(AttnPublisher):
         "Query rows per chunk of scores for n samples"
         return self.chunk or max(1, CHUNK // (n * self.n_heads * L))
 
-    def _scores(self, q, kt, q0, q1): # [n, H, q1-q0, L]
-        "Scaled scores of query rows q0..q1-1 from q [n, H, L, d_head] and kᵀ [n, H, d_head, L], as the exact layer computes them"
-        return torch.matmul(q[:, :, q0:q1], kt).mul_(self.scale)
+    def _scores(self, q, kt, q0, q1, out=None): # [n, H, q1-q0, L]
+        "Scaled scores of query rows q0..q1-1 from q [n, H, L, d_head] and kᵀ [n, H, d_head, L], as the exact layer computes them (into `out`)"
+        return torch.matmul(q[:, :, q0:q1], kt, out=out).mul_(self.scale)
 
     def _bias_rows(self, q0, q1): return None  # a function of no arguments that builds rows q0..q1-1 [H, q1-q0, L] of the bias
 
@@ -112,11 +116,18 @@ class _Fused(AttnPublisher):
             qw, kw = (t.detach() if len(want) == bs else t.detach()[want] for t in (q, k))     # [n, H, L, d_head]
             # kᵀ laid out once as the product wants it (matmul would copy it at every chunk): the same layout, the same sums
             kt = kw.transpose(-1, -2).contiguous()                                               # [n, H, d_head, L]
+            # every chunk's scores and softmax written into two buffers: a fresh 8 MB tensor a chunk costs page faults (as much
+            # as the products themselves, here); consumers copy what they keep (`AttnConsumer.receive`). Autocast picks
+            # its own dtypes, and takes no `out`: fresh tensors then
+            n, H = qw.shape[:2]
+            bufs = None if torch.is_autocast_enabled(q.device.type) else [qw.new_empty(n * H * c * L) for _ in range(2)]
+            into = lambda i, rows: None if bufs is None else bufs[i][:n * H * rows * L].view(n, H, rows, L)
             for q0 in range(0, L, c):
                 q1 = min(q0 + c, L)
-                logits = self._scores(qw, kt, q0, q1)                                         # [n, H, c, L]
+                logits = self._scores(qw, kt, q0, q1, into(0, q1 - q0))                     # [n, H, c, L]
+                sm = F.softmax(logits, dim=-1) if bufs is None else _softmax_into(logits, into(1, q1 - q0))
                 # the bias rows as a function: built only when a consumer reads them (`AttnChunk.bias`)
-                self._publish(F.softmax(logits, dim=-1), self._bias_rows(q0, q1), logits, want, q0, L, masked=False)
+                self._publish(sm, self._bias_rows(q0, q1), logits, want, q0, L, masked=False)
 
     def _out(self, out): # [bs, H, L, d_head]
         "Join the heads and normalise, as the stock layers do"
@@ -157,13 +168,13 @@ class Attention_Rel_Scl_Fast(_Fused, Attention_Rel_Scl):
 
 class Attention_Rel_Vec_Fast(_Fused, Attention_Rel_Vec):
     "tsai's vector `Attention_Rel_Vec` in chunks of query rows: no [bs, H, L, L] map, and with gradients each chunk is recomputed"
-    def _scores(self, q, kt, q0, q1): # [n, H, q1-q0, L]
-        "Scaled scores of query rows q0..q1-1 (q [n, H, L, d_head], kᵀ [n, H, d_head, L]) with stock's relative term `skew(q·Erᵀ)`, from rows q0..q1 of q·Erᵀ"
+    def _scores(self, q, kt, q0, q1, out=None): # [n, H, q1-q0, L]
+        "Scaled scores of query rows q0..q1-1 (q [n, H, L, d_head], kᵀ [n, H, d_head, L]) into `out`, with stock's relative term `skew(q·Erᵀ)`, from rows q0..q1 of q·Erᵀ"
         n, H, L, _ = q.shape
         qer = torch.matmul(q[:, :, q0:min(q1 + 1, L)], self.Er.transpose(0, 1))          # [n, H, ≤ q1-q0+1, L]
         # stock pads q·Erᵀ with a zero column, reads it flat as [L+1, L] and drops the first row: row i is flat[(i+1)L:(i+2)L]
         srel = F.pad(qer, (1, 0)).flatten(-2)[..., L - q0:L - q0 + (q1 - q0) * L].reshape(n, H, q1 - q0, L)
-        return torch.matmul(q[:, :, q0:q1], kt).add_(srel).mul_(self.scale)
+        return torch.matmul(q[:, :, q0:q1], kt, out=out).add_(srel).mul_(self.scale)
 
     def _mix(self, q, kt, v, q0, q1): return torch.matmul(F.softmax(self._scores(q, kt, q0, q1), dim=-1), v)
 

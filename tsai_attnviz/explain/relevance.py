@@ -234,6 +234,8 @@ class _Maps(AttnConsumer):
         a = attn.detach()
         if self.part == 'effective' and bias is not None: a = a + bias.detach()          # [r, H, c, Lk]: c query rows from q0
         a = m.reduce(a)
+        if not attn.requires_grad and a.untyped_storage().data_ptr() == attn.untyped_storage().data_ptr():
+            a = a.clone()  # kept as it came: the layer may write its next chunk into it (`AttnConsumer.receive`); autograd's tensors it can't
         if start not in d.rows: d.rows[start] = a
         elif m.sums_queries: d.rows[start] = d.rows[start] + a                          # sums over queries add up
         else: d.rows[start] = torch.cat([d.rows[start], a], -2)                         # the next query rows
