@@ -261,3 +261,28 @@ def test_multitstplus_series_draws_the_variables_a_branch_sees(learners):
         assert 'the layer sees variables 3, 4, 5 of 6' in ax.get_title() and f'{names[second]} (layer {second} of 4)' in ax.get_title()
         no_faults(check(fig, 'MultiTSTPlus-classification-series-branch1'))
     finally: learn.remove_cb(rec)
+
+def _pixels(fig):
+    "What a figure shows: its pixels and its texts"
+    fig.canvas.draw()
+    out = np.asarray(fig.canvas.buffer_rgba()).copy(), sorted(t.get_text() for t in fig.findobj(Text) if t.get_text())
+    plt.close(fig)
+    return out
+
+@pytest.mark.parametrize('arch', list(ARCHS))
+def test_a_recording_on_disk_draws_alone_as_its_learner_draws_it(learners, arch, tmp_path):
+    "Every family: a recording streamed to disk, opened and drawn without its Learner (rec.show_attention, rec.attention_report) shows what the Learner draws from it, pixel for pixel"
+    learn = learners(arch, 'forecasting' if arch == 'PatchTST' else 'classification')
+    with learn.no_bar(): learn.get_preds(cbs=[AttnRecorder(idxs=[0, 1, 2], path=tmp_path/'rec')])
+    rec = AttnRecording.open(tmp_path/'rec')
+    names = list(dict.fromkeys(rec.layers))
+    views = [dict(idx=[0, 1, 2]), dict(idx=0, head=rec.heads[-1]), dict(layer='all', idx=0)]
+    # the series view of each layer whose keys are time steps: a MultiTSTPlus branch draws the variables it sees, as recorded
+    views += [dict(view='series', idx=1, layer=i) for i, n in enumerate(names)
+              if rec.tokens(n) is None or not all(s < 0 for s, _ in rec.tokens(n)['key'][1])]
+    for kw in views:
+        alone, drawn = _pixels(rec.show_attention(**kw)), _pixels(learn.show_attention(recorder=rec, **kw))
+        assert alone[1] == drawn[1] and np.array_equal(alone[0], drawn[0]), (arch, kw)
+        if arch == 'MultiTSTPlus' and kw.get('view') == 'series' and '.branches.1.' in names[kw['layer']]:
+            assert any('the layer sees variables 3, 4, 5 of 6' in t for t in alone[1])  # as recorded: no model to ask
+    assert rec.attention_report(idx=[0, 1]).html == learn.attention_report(idx=[0, 1], recorder=rec).html
