@@ -110,7 +110,7 @@ class _Fused(AttnPublisher):
         bs, _, L, _ = q.shape
         want = self._begin(bs)
         if not want: return
-        c = self._rows(len(want), L)
+        c = min(self._rows(len(want), L), L)  # short sequences: every row in one chunk, and buffers no larger than that
         with torch.no_grad():
             # one chunk of rows for every wanted sample at once: the bias rows are built once a chunk, not once a sample
             qw, kw = (t.detach() if len(want) == bs else t.detach()[want] for t in (q, k))     # [n, H, L, d_head]
