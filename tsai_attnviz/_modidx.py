@@ -954,8 +954,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                          'tsai_attnviz/record/sink.py'),
                                           'tsai_attnviz.record.sink.MemorySink.wants_bias': ( 'record_sink.html#memorysink.wants_bias',
                                                                                               'tsai_attnviz/record/sink.py'),
-                                          'tsai_attnviz.record.sink._add_aggs': ( 'record_sink.html#_add_aggs',
-                                                                                  'tsai_attnviz/record/sink.py'),
                                           'tsai_attnviz.record.sink._failing': ('record_sink.html#_failing', 'tsai_attnviz/record/sink.py'),
                                           'tsai_attnviz.record.sink._kept': ('record_sink.html#_kept', 'tsai_attnviz/record/sink.py'),
                                           'tsai_attnviz.record.sink._writable_dir': ( 'record_sink.html#_writable_dir',

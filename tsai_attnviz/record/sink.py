@@ -13,6 +13,7 @@ from pathlib import Path
 from fastai.callback.core import (CancelBatchException, CancelTrainException, CancelValidException, CancelEpochException,
                                   CancelFitException, CancelStepException, CancelBackwardException)
 from .recording import AttnRecording
+from .distributed import gather_recording, merge_aggregates
 from .store import RecordingWriter, model_signature
 
 # %% auto #0
@@ -51,7 +52,6 @@ class MemorySink:
 
     def gather(self):
         "Under torch.distributed: every rank's records and mean maps merged into rank 0's recording (`record.distributed`); a no-op otherwise"
-        from tsai_attnviz.record.distributed import gather_recording  # here: it imports the recorder's parts
         gather_recording(self.recording)
 
 # %% ../../nbs/30c_record_sink.ipynb #b8fc9acc
@@ -85,16 +85,6 @@ def _kept(aggs:dict)->dict:
         if kind == 'mean':
             if a[1]: out[kind] = a
         elif (g := {k: sn for k, sn in a.items() if sn[1]}): out[kind] = g
-    return out
-
-def _add_aggs(a:dict, b:dict)->dict:
-    "The mean maps of `a` and `b` as one: sums and counts add up"
-    out = {k: (v if k == 'mean' else dict(v)) for k, v in a.items()}
-    for kind, v in _kept(b).items():
-        if kind == 'mean': s, n = out.get('mean', (0., 0)); out['mean'] = (s + v[0], n + v[1])
-        else:
-            g = out.setdefault(kind, {})
-            for key, (s, n) in v.items(): s0, n0 = g.get(key, (0., 0)); g[key] = (s0 + s, n0 + n)
     return out
 
 class DiskSink:
@@ -149,7 +139,7 @@ class DiskSink:
             warnings.simplefilter('ignore')
             rec = AttnRecording.open(dirs) if dirs else AttnRecording()
         rec.meta.update(self.meta)
-        rec.aggregates = _add_aggs(rec.aggregates, self.aggregates)
+        rec.aggregates = merge_aggregates([rec.aggregates, _kept(self.aggregates)])
         for l, by in self.biases.items(): rec.biases.setdefault(l, {}).update(by)
         return rec
 
@@ -171,7 +161,6 @@ class DiskSink:
 
     def gather(self):
         "Under torch.distributed: each rank's records stay in its own shard (`open` reads them all as one); every rank's mean maps, biases and description go into rank 0's"
-        from tsai_attnviz.record.distributed import gather_recording  # here: it imports the recorder's parts
         r = gather_recording(AttnRecording([], self.aggregates, self.meta, self.biases))
         self.aggregates,self.biases = r.aggregates,r.biases  # the other ranks' shards hold no mean maps: rank 0's sums are every rank's
 
